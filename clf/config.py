@@ -1,0 +1,110 @@
+"""The settings of a training run, in one typed, frozen place.
+
+Defaults live here and nowhere else. Ray's `train_loop_config` wants a plain dict: `to_dict()` converts at
+that boundary and the worker rebuilds the dataclass with `TrainConfig.from_dict()` on its first line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+class ClfError(Exception):
+    """An error meant for a person: its message is printed as one line, without a traceback."""
+
+
+class ConfigError(ClfError):
+    """A setting that cannot work (a usage error)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    """Passes over the 60,000 training images."""
+
+    batch_size: int = 128
+    """Global batch size: images per optimizer step, summed over all workers."""
+
+    lr: float = 4e-3
+    """Peak learning rate of the one-cycle schedule, for `batch_size` images per step."""
+
+    weight_decay: float = 5e-4
+    """Adam's L2 penalty."""
+
+    num_workers: int | None = None
+    """Training workers. None: 1 on CPU (one process using every core beats several single-threaded
+    ones on a small machine), the number of GPUs in the cluster with `use_gpu`."""
+
+    cpus_per_worker: int | None = None
+    """CPUs (and torch threads) per training worker. None: the cluster's CPUs divided by the workers,
+    so a laptop run uses all its cores."""
+
+    use_gpu: bool = False
+    """One GPU per training worker and per inference actor."""
+
+    seed: int = 0
+    """Seeds weights, shuffling and dropout: the same seed and worker count give the same metrics."""
+
+    data_dir: str | None = None
+    """Folder holding the four Fashion-MNIST idx files (.gz or not). None: search the usual places."""
+
+    download: bool = False
+    """Allow torchvision to download the data into the local cache when it is found nowhere else."""
+
+    output: str | None = None
+    """Folder for metrics.json, predictions.parquet and checkpoint/. None: runs/<timestamp>."""
+
+    storage_path: str | None = None
+    """Where Ray Train keeps its checkpoints while it runs (shared storage on a multi-node cluster).
+    None: Ray's default, ~/ray_results."""
+
+    infer_batch_size: int = 1024
+    """Images per batch in the Ray Data inference job."""
+
+    num_infer_actors: int | None = None
+    """Inference actors, each holding one copy of the model. None: one per GPU with `use_gpu`, else
+    the cluster's CPUs divided by `cpus_per_worker`, at least 1."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "infer_batch_size": self.infer_batch_size,
+        }
+        optional_positive = {
+            "num_workers": self.num_workers,
+            "cpus_per_worker": self.cpus_per_worker,
+            "num_infer_actors": self.num_infer_actors,
+        }
+        for name, value in positive.items():
+            _check_int(name, value)
+        for name, value in optional_positive.items():
+            if value is not None:
+                _check_int(name, value)
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be zero or more, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be zero or more, got {self.seed}")
+        if self.num_workers is not None and self.batch_size < self.num_workers:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) is smaller than num_workers ({self.num_workers}): "
+                "each worker needs at least one image per step"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        return cls(**values)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive whole number, got {value!r}")

@@ -1,0 +1,199 @@
+"""Fashion-MNIST: where it is found, how it is read, how images become model input, and Ray Datasets.
+
+The four original idx files are read with torchvision's own readers. Preprocessing is `preprocess()`,
+used by the training loop and by the predictor alike.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clf.config import ClfError
+
+CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_SIZE = 28
+
+# Mean and standard deviation of the training images' pixels, after scaling to [0, 1].
+PIXEL_MEAN = 0.2860
+PIXEL_STD = 0.3530
+
+DATA_DIR_ENV = "CLF_DATA_DIR"
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+HOW_TO_GET = (
+    "install it with `apt-get install dataset-fashion-mnist`, pass --data-dir with the four idx files, "
+    "or pass --download on a machine with internet"
+)
+
+
+class DataError(ClfError):
+    """The dataset is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, 28, 28) uint8, as stored
+    labels: np.ndarray  # (N,) int64 class indices
+
+
+@dataclass(frozen=True)
+class FashionMNIST:
+    train: Split
+    test: Split
+    source: str  # the folder the files were read from
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "clf" / "fashion-mnist"
+
+
+def candidate_dirs(data_dir: str | None) -> list[Path]:
+    """The places searched, in order: --data-dir, $CLF_DATA_DIR, Debian's package, the local cache."""
+    if data_dir is not None:
+        # An explicit folder is the only place looked at: silently falling back elsewhere would
+        # train on data the user did not ask for.
+        return [Path(data_dir)]
+    dirs = []
+    if os.environ.get(DATA_DIR_ENV):
+        dirs.append(Path(os.environ[DATA_DIR_ENV]))
+    dirs += [DEBIAN_DIR, cache_dir()]
+    return dirs
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    # Accept the original .gz files, their uncompressed form, and torchvision's download layout.
+    for sub in (folder, folder / "FashionMNIST" / "raw"):
+        for candidate in (sub / name, sub / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _files_in(folder: Path) -> dict[str, tuple[Path, Path]] | None:
+    found = {}
+    for split, names in FILES.items():
+        paths = tuple(_find_file(folder, n) for n in names)
+        if None in paths:
+            return None
+        found[split] = paths
+    return found
+
+
+def locate(data_dir: str | None = None, download: bool = False) -> tuple[Path, dict]:
+    """Find a folder holding all four files; download into the cache only when asked to."""
+    tried = candidate_dirs(data_dir)
+    for folder in tried:
+        files = _files_in(folder)
+        if files is not None:
+            return folder, files
+    if download and data_dir is None:
+        _download(cache_dir())
+        files = _files_in(cache_dir())
+        if files is not None:
+            return cache_dir(), files
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is not a folder; {HOW_TO_GET}")
+    places = ", ".join(str(p) for p in tried)
+    raise DataError(f"Fashion-MNIST not found (looked in {places}); {HOW_TO_GET}")
+
+
+def _download(root: Path) -> None:
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    try:
+        TorchvisionFashionMNIST(str(root), train=True, download=True)
+        TorchvisionFashionMNIST(str(root), train=False, download=True)
+    except Exception as e:  # torchvision raises several kinds on a failed download
+        raise DataError(f"downloading Fashion-MNIST into {root} failed: {e}") from None
+
+
+def _read_idx(path: Path, kind: str, scratch: Path) -> torch.Tensor:
+    """Read one idx file with torchvision's reader, decompressing a .gz copy into `scratch` first."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    reader = read_image_file if kind == "images" else read_label_file
+    try:
+        if path.suffix == ".gz":
+            raw = scratch / path.stem
+            with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            return reader(str(raw))
+        return reader(str(path))
+    except (OSError, EOFError, ValueError, TypeError, AssertionError, RuntimeError, KeyError) as e:
+        detail = str(e) or type(e).__name__
+        raise DataError(f"{path} is not a readable idx {kind} file ({detail})") from None
+
+
+def read_split(images_path: Path, labels_path: Path, scratch: Path) -> Split:
+    images = _read_idx(images_path, "images", scratch)
+    labels = _read_idx(labels_path, "labels", scratch)
+    if tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{images_path} holds images of {tuple(images.shape[1:])}, not 28x28")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+        )
+    if len(labels) == 0:
+        raise DataError(f"{labels_path} holds no labels")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= len(CLASSES):
+        raise DataError(f"{labels_path} has labels outside 0..{len(CLASSES) - 1} (found {low}..{high})")
+    return Split(images=images.numpy(), labels=labels.numpy().astype(np.int64))
+
+
+def load(data_dir: str | None = None, download: bool = False) -> FashionMNIST:
+    """Read the training and test sets once, on the driver."""
+    folder, files = locate(data_dir, download)
+    with tempfile.TemporaryDirectory(prefix="clf-idx-") as scratch:
+        splits = {split: read_split(*paths, Path(scratch)) for split, paths in files.items()}
+    return FashionMNIST(train=splits["train"], test=splits["test"], source=str(folder))
+
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 28, 28) or (N, 1, 28, 28), light item on dark, to normalised float (N, 1, 28, 28)."""
+    x = images.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE).float()
+    return (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
+
+
+def to_ray_dataset(split: Split, rows_per_block: int = 2500):
+    """The split as a Ray Dataset of rows (id, label, image); `id` is the row's index in the split."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    tables = []
+    for start in range(0, len(split.labels), rows_per_block):
+        stop = min(start + rows_per_block, len(split.labels))
+        tables.append(
+            pa.table(
+                {
+                    "id": pa.array(np.arange(start, stop, dtype=np.int64)),
+                    "label": pa.array(split.labels[start:stop]),
+                    "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[start:stop])),
+                }
+            )
+        )
+    return ray.data.from_arrow(tables)

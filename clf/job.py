@@ -1,0 +1,207 @@
+"""The training job end to end: data, Ray, training, test-set tagging, metrics, outputs.
+
+`run()` is what `jobs/train.py` calls and what Python users call. Outputs are written into a hidden
+folder beside `--output` and renamed into place only when all of them are written, so a folder named
+like a run is always a complete run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clf import data, metrics as metrics_lib, report
+from clf.config import ClfError, ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class RunResult:
+    predictions: list[int]  # predicted class of each test image, in test-set order
+    accuracy: float
+    precision: list[float]  # per class, class-index order
+    recall: list[float]
+    classes: list[str]
+    output: Path
+    history: list[dict] = field(default_factory=list)  # the metrics reported after each epoch
+    timings: dict = field(default_factory=dict)  # seconds per phase
+
+
+def default_output(now: datetime | None = None) -> Path:
+    return Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_output(output: Path) -> Path:
+    """Refuse an existing output; return the temporary folder to fill, beside it on the same disk."""
+    if output.exists():
+        raise ConfigError(f"--output {output} exists already; choose a new folder (runs are never overwritten)")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as e:
+        raise ConfigError(f"--output {output} cannot be written ({e.strerror or e})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder gets the usual mode
+    return staging
+
+
+def connect_ray():
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # "local" even when a `ray start` cluster runs on this machine: joining one is asked for
+            # explicitly, with RAY_ADDRESS.
+            # The dashboard serves Ray's state API, which Ray Train's clean-up relies on; loopback only.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise ClfError(f"could not start or join {where}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the settings left to the cluster (workers, CPUs each, inference actors) from its resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if cfg.use_gpu and gpus < 1:
+        raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
+    num_workers = cfg.num_workers or (gpus if cfg.use_gpu else 1)
+    if cfg.use_gpu and num_workers > gpus:
+        raise ConfigError(f"--num-workers {num_workers} with --use-gpu needs {num_workers} GPUs; the cluster has {gpus}")
+    cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // num_workers)
+    if num_workers * cpus_per_worker > cpus and not cfg.use_gpu:
+        raise ConfigError(
+            f"{num_workers} workers x {cpus_per_worker} CPUs need {num_workers * cpus_per_worker} CPUs; "
+            f"the cluster has {cpus}"
+        )
+    num_infer_actors = cfg.num_infer_actors or (gpus if cfg.use_gpu else max(1, cpus))
+    return cfg.replace(
+        num_workers=num_workers, cpus_per_worker=cpus_per_worker, num_infer_actors=num_infer_actors
+    )
+
+
+def evaluate(result_checkpoint, test: data.Split, cfg: TrainConfig, shuffle: bool = False) -> pd.DataFrame:
+    """Tag every test image with the Ray Data predictor; rows (id, label, prediction, confidence) in id order."""
+    from clf.infer import predict
+
+    dataset = data.to_ray_dataset(test)
+    if shuffle:
+        dataset = dataset.random_shuffle(seed=cfg.seed)
+    tagged = predict(
+        dataset,
+        result_checkpoint,
+        batch_size=cfg.infer_batch_size,
+        num_actors=cfg.num_infer_actors,
+        use_gpu=cfg.use_gpu,
+        cpus_per_actor=0 if cfg.use_gpu else 1,
+    )
+    rows = tagged.to_pandas().sort_values("id", ignore_index=True)
+    # Every test image exactly once, each with the label it was read with: never a partial result.
+    if len(rows) != len(test.labels) or not np.array_equal(rows["id"].to_numpy(), np.arange(len(test.labels))):
+        raise ClfError(f"inference returned {len(rows)} rows for {len(test.labels)} test images")
+    if not np.array_equal(rows["label"].to_numpy(), test.labels):
+        raise ClfError("inference returned labels that differ from the test set's")
+    return rows
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    started = time.perf_counter()
+    timings = {}
+    output = Path(cfg.output) if cfg.output else default_output()
+    staging = prepare_output(output)
+    try:
+        result = _run(cfg, output, staging, timings, started)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: float) -> RunResult:
+    import ray.data
+
+    from clf.train import fit
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
+    t = time.perf_counter()
+    dataset = data.load(cfg.data_dir, cfg.download)
+    t = lap("load_data_s", t)
+    connect_ray()
+    # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    cfg = resolve(cfg)
+    t = lap("ray_start_s", t)
+    print(
+        f"training on {len(dataset.train.labels):,} images from {dataset.source}: {cfg.num_workers} "
+        f"worker(s) x {cfg.cpus_per_worker} CPU{' + 1 GPU' if cfg.use_gpu else ''}, {cfg.epochs} epoch(s)",
+        flush=True,
+    )
+    result = fit(cfg, dataset.train, run_name=output.name)
+    t = lap("train_s", t)
+    rows = evaluate(result.checkpoint, dataset.test, cfg)
+    t = lap("inference_s", t)
+    scores = metrics_lib.compute(rows["label"], rows["prediction"], len(data.CLASSES))
+
+    result.checkpoint.to_directory(str(staging / "checkpoint"))
+    report.write_predictions(staging / "predictions.parquet", rows)
+    history = _history(result)
+    lap("write_s", t)
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    report.write_metrics(
+        staging / "metrics.json",
+        scores,
+        data.CLASSES,
+        {
+            "config": cfg.to_dict(),
+            "data_source": dataset.source,
+            "history": history,
+            "timings": timings,
+            "provenance": report.provenance(),
+        },
+    )
+    staging.rename(output)
+    print(report.table(scores, data.CLASSES), flush=True)
+    return RunResult(
+        predictions=rows["prediction"].tolist(),
+        accuracy=scores.accuracy,
+        precision=scores.precision,
+        recall=scores.recall,
+        classes=list(data.CLASSES),
+        output=output,
+        history=history,
+        timings=timings,
+    )
+
+
+def _history(result) -> list[dict]:
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return [dict(result.metrics)]
+    keep = ["epoch", "loss", "accuracy", "images_per_s", "elapsed_s"]
+    return frame[[k for k in keep if k in frame.columns]].to_dict(orient="records")

@@ -1,0 +1,50 @@
+"""The CNN that tags clothing: uint8-free, training-free, raw logits out."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class FashionCNN(nn.Module):
+    """Conv blocks (Conv2d, BatchNorm, ReLU, MaxPool2d) then Flatten and a small fully connected head.
+
+    Input: (N, 1, 28, 28) floats, as `clf.data.preprocess` makes them. Output: (N, num_classes) logits.
+    The defaults build the model we ship.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (16, 32),
+        hidden: int = 128,
+        num_classes: int = 10,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.config = {
+            "channels": list(channels),
+            "hidden": hidden,
+            "num_classes": num_classes,
+            "dropout": dropout,
+        }
+        blocks = []
+        in_channels, side = 1, 28
+        for out_channels in channels:
+            blocks += [
+                # No conv bias: the BatchNorm right after it has its own.
+                nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_channels, side = out_channels, side // 2
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(in_channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
