@@ -42,6 +42,8 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# idx magic numbers: 0x08 = unsigned bytes, then the number of dimensions.
+MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 HOW_TO_GET = (
     "install it with `apt-get install dataset-fashion-mnist`, pass --data-dir with the four idx files, "
     "or pass --download on a machine with internet"
@@ -140,8 +142,13 @@ def _read_idx(path: Path, kind: str, scratch: Path) -> torch.Tensor:
             raw = scratch / path.stem
             with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            return reader(str(raw))
-        return reader(str(path))
+        else:
+            raw = path
+        with open(raw, "rb") as f:
+            magic = int.from_bytes(f.read(4), "big")
+        if magic != MAGIC[kind]:
+            raise DataError(f"{path} has magic number {magic:#010x}, not {MAGIC[kind]:#010x} of an idx {kind} file")
+        return reader(str(raw))
     except (OSError, EOFError, ValueError, TypeError, AssertionError, RuntimeError, KeyError) as e:
         detail = str(e) or type(e).__name__
         raise DataError(f"{path} is not a readable idx {kind} file ({detail})") from None

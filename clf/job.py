@@ -54,6 +54,13 @@ def prepare_output(output: Path) -> Path:
     return staging
 
 
+# An embedded Ray listens on loopback only, dashboard included (it serves the state API that Ray
+# Train's clean-up relies on).
+LOCAL_RAY = dict(
+    address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1"
+)
+
+
 def connect_ray():
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start an embedded local Ray."""
     import ray
@@ -67,8 +74,7 @@ def connect_ray():
         else:
             # "local" even when a `ray start` cluster runs on this machine: joining one is asked for
             # explicitly, with RAY_ADDRESS.
-            # The dashboard serves Ray's state API, which Ray Train's clean-up relies on; loopback only.
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+            ray.init(**LOCAL_RAY)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise ClfError(f"could not start or join {where}: {_first_line(e)}") from None
@@ -85,18 +91,29 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
-    if cfg.use_gpu and gpus < 1:
-        raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
-    num_workers = cfg.num_workers or (gpus if cfg.use_gpu else 1)
-    if cfg.use_gpu and num_workers > gpus:
-        raise ConfigError(f"--num-workers {num_workers} with --use-gpu needs {num_workers} GPUs; the cluster has {gpus}")
-    cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // num_workers)
-    if num_workers * cpus_per_worker > cpus and not cfg.use_gpu:
-        raise ConfigError(
-            f"{num_workers} workers x {cpus_per_worker} CPUs need {num_workers * cpus_per_worker} CPUs; "
-            f"the cluster has {cpus}"
-        )
-    num_infer_actors = cfg.num_infer_actors or (gpus if cfg.use_gpu else max(1, cpus))
+    if cfg.use_gpu:
+        if gpus < 1:
+            raise ConfigError(
+                "--use-gpu was given but the Ray cluster has no GPU (on an autoscaling cluster keep at "
+                "least one GPU node up)"
+            )
+        num_workers = cfg.num_workers or gpus
+        if num_workers > gpus:
+            raise ConfigError(f"--num-workers {num_workers} with --use-gpu needs {num_workers} GPUs; the cluster has {gpus}")
+        # The GPU does the arithmetic; a thread or two keeps it fed from the in-memory shard.
+        cpus_per_worker = cfg.cpus_per_worker or 1
+        num_infer_actors = cfg.num_infer_actors or gpus
+    else:
+        num_workers = cfg.num_workers or 1
+        cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // num_workers)
+        if num_workers * cpus_per_worker > cpus:
+            raise ConfigError(
+                f"{num_workers} workers x {cpus_per_worker} CPUs need {num_workers * cpus_per_worker} CPUs; "
+                f"the cluster has {cpus}"
+            )
+        # One CPU stays free for the tasks that feed the actors (reading, decoding, shuffling):
+        # actors holding every CPU would starve them.
+        num_infer_actors = cfg.num_infer_actors or max(1, cpus - 1)
     return cfg.replace(
         num_workers=num_workers, cpus_per_worker=cpus_per_worker, num_infer_actors=num_infer_actors
     )

@@ -1,0 +1,68 @@
+"""Shared fixtures: a Ray of our own on loopback, tiny synthetic data, the real data when installed."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Ray >= 2.59 turns token auth on for new local clusters unless told; the in-process clusters of these
+# tests are loopback-only and say so explicitly. (The job-submission test uses token auth.)
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from clf import data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray for one test module, stopped after it (only this process's own Ray)."""
+    import ray
+
+    from clf.job import LOCAL_RAY
+
+    ray.init(**LOCAL_RAY, num_cpus=2)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_data() -> data.FashionMNIST:
+    try:
+        return data.load()
+    except data.DataError as e:
+        pytest.fail(f"the real Fashion-MNIST is needed for this test: {e}")
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, magic: int | None = None) -> Path:
+    """Write `array` (uint8) in the idx format: magic (0x0800 | ndim), big-endian dimensions, bytes."""
+    header = struct.pack(">I", magic if magic is not None else 0x0800 | array.ndim)
+    header += b"".join(struct.pack(">I", n) for n in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_dataset_dir(folder: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, gz: bool = True) -> Path:
+    """Four idx files of random images and labels, as Fashion-MNIST lays them out."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images_name, labels_name = data.FILES[split]
+        write_idx(folder / images_name, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=gz)
+        write_idx(folder / labels_name, rng.integers(0, 10, n, dtype=np.uint8), gz=gz)
+    return folder

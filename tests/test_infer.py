@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from clf import checkpoint, data
+from clf.infer import Predictor, predict
+from clf.model import FashionCNN
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("ckpt")
+    checkpoint.save(folder, FashionCNN(channels=(4, 8), hidden=16).eval(), data.CLASSES)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    rng = np.random.default_rng(7)
+    return data.Split(
+        images=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+        labels=rng.integers(0, 10, 300).astype(np.int64),
+    )
+
+
+def direct(checkpoint_dir, images):
+    model, _ = checkpoint.load_model(checkpoint_dir)
+    with torch.inference_mode():
+        probs = torch.softmax(model(data.preprocess(torch.from_numpy(images))), dim=1)
+    confidence, prediction = probs.max(dim=1)
+    return prediction.numpy(), confidence.numpy()
+
+
+def test_predictor_adds_prediction_and_confidence_and_keeps_other_columns(tiny_checkpoint, tiny_split):
+    batch = {"id": np.arange(5), "label": tiny_split.labels[:5], "image": tiny_split.images[:5].copy()}
+    out = Predictor(tiny_checkpoint)(batch)
+    assert set(out) == {"id", "label", "prediction", "confidence"}
+    prediction, confidence = direct(tiny_checkpoint, tiny_split.images[:5])
+    np.testing.assert_array_equal(out["prediction"], prediction)
+    np.testing.assert_allclose(out["confidence"], confidence, rtol=1e-5)
+    assert ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
+
+
+def test_rows_stay_aligned_when_shuffled_before_inference(ray_local, tiny_checkpoint, tiny_split):
+    prediction, confidence = direct(tiny_checkpoint, tiny_split.images)
+    assert len(np.unique(prediction)) >= 3  # otherwise a misalignment could go unseen
+
+    shuffled = data.to_ray_dataset(tiny_split, rows_per_block=50).random_shuffle(seed=1)
+    rows = predict(shuffled, tiny_checkpoint, batch_size=32, num_actors=1, use_gpu=False, cpus_per_actor=1)
+    rows = rows.to_pandas()
+
+    assert sorted(rows["id"]) == list(range(300))
+    assert not (rows["id"].to_numpy() == np.arange(300)).all()  # the order really was shuffled
+    ids = rows["id"].to_numpy()
+    np.testing.assert_array_equal(rows["label"].to_numpy(), tiny_split.labels[ids])
+    np.testing.assert_array_equal(rows["prediction"].to_numpy(), prediction[ids])
+    # Confidences are all but unique per image: a row paired with another image's output shows here.
+    np.testing.assert_allclose(rows["confidence"].to_numpy(), confidence[ids], rtol=1e-5)

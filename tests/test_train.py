@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from clf import checkpoint, data
+from clf.config import TrainConfig
+from clf.train import fit, shard_order
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_train(real_data):
+    """4,000 real training images: enough for the loss to fall within two short epochs."""
+    keep = np.random.default_rng(0).permutation(len(real_data.train.labels))[:4000]
+    return data.Split(images=real_data.train.images[keep], labels=real_data.train.labels[keep])
+
+
+def train(split, tmp_path, name, **overrides):
+    cfg = TrainConfig(epochs=2, batch_size=64, storage_path=str(tmp_path), **overrides)
+    return fit(cfg, split, run_name=name)
+
+
+def losses(result):
+    return result.metrics_dataframe.sort_values("epoch")["loss"].tolist()
+
+
+def test_shards_cover_the_data_once_and_agree_across_ranks():
+    shards = [shard_order(1003, epoch=1, seed=5, rank=r, world_size=3) for r in range(3)]
+    assert {len(s) for s in shards} == {334}  # equal counts; 1 image left out this epoch
+    together = np.concatenate(shards)
+    assert len(np.unique(together)) == len(together)
+    assert not np.array_equal(shards[0], shard_order(1003, epoch=2, seed=5, rank=0, world_size=3))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_lowers_the_loss(ray_local, small_train, tmp_path, workers):
+    result = train(small_train, tmp_path, f"w{workers}", num_workers=workers, cpus_per_worker=1)
+    first, second = losses(result)
+    assert second < first
+    assert result.metrics["accuracy"] > 0.6  # global over all ranks' shards, not one worker's
+    model, classes = checkpoint.load_model(result.checkpoint.path)
+    assert classes == list(data.CLASSES)
+
+
+def test_same_seed_and_workers_give_the_same_metrics(ray_local, small_train, tmp_path):
+    a = train(small_train, tmp_path, "a", num_workers=2, cpus_per_worker=1, seed=3)
+    b = train(small_train, tmp_path, "b", num_workers=2, cpus_per_worker=1, seed=3)
+    c = train(small_train, tmp_path, "c", num_workers=2, cpus_per_worker=1, seed=4)
+    assert losses(a) == losses(b)
+    assert a.metrics["accuracy"] == b.metrics["accuracy"]
+    assert losses(a) != losses(c)
