@@ -55,7 +55,10 @@ def prepare_output(output: Path) -> Path:
 
 
 # An embedded Ray listens on loopback only, dashboard included (it serves the state API that Ray
-# Train's clean-up relies on).
+# Train's clean-up relies on). Ray swaps 127.0.0.1 for the machine's outward address unless it runs in
+# its single-machine mode (the one it uses on macOS and Windows), which this variable selects; it must
+# be set before `ray` is imported, and the processes Ray starts inherit it.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 LOCAL_RAY = dict(
     address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1"
 )
@@ -63,11 +66,14 @@ LOCAL_RAY = dict(
 
 def connect_ray():
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start an embedded local Ray."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -203,6 +209,7 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
         },
     )
     staging.rename(output)
+    print(report.history_table(history), flush=True)
     print(report.table(scores, data.CLASSES), flush=True)
     return RunResult(
         predictions=rows["prediction"].tolist(),

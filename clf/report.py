@@ -24,6 +24,15 @@ def table(metrics: Metrics, classes) -> str:
     return "\n".join(lines)
 
 
+def history_table(history: list[dict]) -> str:
+    """One line per epoch, printed by the driver once training ends (the workers' live lines reach a
+    job's log only as far as Ray forwards worker output)."""
+    lines = ["epoch  loss    train accuracy  images/s"]
+    for h in history:
+        lines.append(f"{h['epoch']:>5}  {h['loss']:.4f}  {h['accuracy']:14.4f}  {h['images_per_s']:8,.0f}")
+    return "\n".join(lines)
+
+
 def provenance() -> dict:
     versions = {}
     for name in PACKAGES:

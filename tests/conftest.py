@@ -20,14 +20,15 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from clf import data  # noqa: E402
+from clf.job import LOCAL_RAY, LOOPBACK_ENV  # noqa: E402
+
+os.environ.update(LOOPBACK_ENV)  # before ray is imported: every Ray of the tests on 127.0.0.1
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     """A fresh local Ray for one test module, stopped after it (only this process's own Ray)."""
     import ray
-
-    from clf.job import LOCAL_RAY
 
     ray.init(**LOCAL_RAY, num_cpus=2)
     try:

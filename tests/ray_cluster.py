@@ -1,0 +1,112 @@
+"""A real Ray cluster on loopback for tests: started with `ray start`, stopped by its own processes only.
+
+Every process of the cluster has its --temp-dir in its command line or descends from one that has;
+stopping kills exactly those, never `ray stop` (which ends every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from clf.job import LOOPBACK_ENV
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, num_cpus: int = 2):
+        # Short, private temp dir: Ray's unix socket paths must stay under ~100 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="clf-ray-", dir="/tmp")
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            # Token auth as on a real cluster: the same token for the nodes and for `ray job submit`.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            **LOOPBACK_ENV,
+            # The job's `python` is the one running the tests, with its packages.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.num_cpus = num_cpus
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def session_dir(self) -> Path:
+        return Path(self.temp_dir) / "session_latest"
+
+    def start(self) -> LocalCluster:
+        cmd = [
+            RAY, "start", "--head",
+            "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1",
+            "--port", str(self.gcs_port),
+            "--dashboard-port", str(self.dashboard_port),
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--ray-client-server-port", str(free_port()),
+            "--num-cpus", str(self.num_cpus),
+            "--temp-dir", self.temp_dir,
+            "--disable-usage-stats",
+        ]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
+        return self
+
+    def processes(self) -> list[psutil.Process]:
+        roots = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                args = p.info["cmdline"] or []
+                # The client server names only the GCS address, not the temp dir.
+                if any(self.temp_dir in a or a.endswith(f"127.0.0.1:{self.gcs_port}") for a in args):
+                    roots.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        found = {p.pid: p for p in roots}
+        for root in roots:
+            try:
+                found.update({c.pid: c for c in root.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                continue
+        return list(found.values())
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def submit(self, *entrypoint: str, working_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir), "--", *entrypoint]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=working_dir)
+

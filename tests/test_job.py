@@ -1,0 +1,84 @@
+"""The whole job on the real data, checked against an independent recomputation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clf import data
+from clf.config import TrainConfig
+from clf.job import evaluate, run
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def one_epoch(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "one-epoch"
+    return run(TrainConfig(epochs=1, output=str(out), storage_path=str(out.parent / "ray")))
+
+
+def test_accuracy_and_result_object(one_epoch, real_data):
+    assert one_epoch.accuracy >= 0.85
+    assert len(one_epoch.predictions) == 10_000
+    assert len(one_epoch.precision) == len(one_epoch.recall) == 10
+    assert one_epoch.classes == list(data.CLASSES)
+    # The predictions list is in test-set order: its accuracy against the true labels is the reported one.
+    assert np.mean(np.array(one_epoch.predictions) == real_data.test.labels) == pytest.approx(one_epoch.accuracy)
+
+
+def test_metrics_json_equals_a_recomputation_from_predictions(one_epoch, real_data):
+    metrics = json.loads((one_epoch.output / "metrics.json").read_text())
+    rows = pd.read_parquet(one_epoch.output / "predictions.parquet")
+    assert list(rows.columns) == ["id", "label", "prediction", "confidence"]
+    assert sorted(rows["id"]) == list(range(10_000))
+    rows = rows.set_index("id").sort_index()
+    np.testing.assert_array_equal(rows["label"].to_numpy(), real_data.test.labels)
+    assert rows["confidence"].between(0.1, 1.0).all()  # softmax max over 10 classes is at least 0.1
+
+    # Independent of torchmetrics: count by hand.
+    y, p = rows["label"].to_numpy(), rows["prediction"].to_numpy()
+    # torchmetrics computes in float32: equal to within its precision.
+    assert metrics["accuracy"] == pytest.approx(np.mean(y == p), abs=1e-6)
+    for c in range(10):
+        tp = np.sum((p == c) & (y == c))
+        assert metrics["precision"][c] == pytest.approx(tp / np.sum(p == c), abs=1e-6)
+        assert metrics["recall"][c] == pytest.approx(tp / np.sum(y == c), abs=1e-6)
+    assert metrics["classes"] == list(data.CLASSES)
+    assert {"batch_size", "lr", "epochs"} <= set(metrics["config"])
+    assert metrics["config"]["epochs"] == 1
+    assert {"load_data_s", "train_s", "inference_s", "total_s"} <= set(metrics["timings"])
+    assert metrics["provenance"]["packages"]["ray"]
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+
+
+def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):
+    assert sorted(p.name for p in one_epoch.output.iterdir()) == ["checkpoint", "metrics.json", "predictions.parquet"]
+    assert not [p for p in one_epoch.output.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_checkpoint_loads_without_ray(one_epoch, real_data):
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from clf.checkpoint import load_model\n"
+        "from clf.data import preprocess\n"
+        f"model, classes = load_model({str(one_epoch.output / 'checkpoint')!r})\n"
+        "assert 'ray' not in sys.modules, 'loading a checkpoint must not need Ray'\n"
+        "images = torch.from_numpy(np.load(sys.argv[1]))\n"
+        "print(model(preprocess(images)).argmax(1).tolist())\n"
+    )
+    images = one_epoch.output.parent / "first100.npy"
+    np.save(images, real_data.test.images[:100])
+    proc = subprocess.run([sys.executable, "-c", script, str(images)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == one_epoch.predictions[:100]
+
+
+def test_shuffled_inference_gives_the_same_predictions(one_epoch, real_data):
+    cfg = TrainConfig(num_infer_actors=1, cpus_per_worker=1)
+    rows = evaluate(str(one_epoch.output / "checkpoint"), real_data.test, cfg, shuffle=True)
+    assert rows["prediction"].tolist() == one_epoch.predictions

@@ -1,0 +1,59 @@
+"""`ray job submit` against a real local cluster on loopback, with token authentication."""
+
+import json
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from ray_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(num_cpus=2).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+    assert c.processes() == []
+
+
+def test_job_submit_trains_and_writes_outputs_where_asked(cluster, tmp_path):
+    out = tmp_path / "submitted"
+    proc = cluster.submit("python", "jobs/train.py", "--epochs", "1", "--output", str(out), working_dir=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "succeeded" in log
+    assert "epoch  loss    train accuracy  images/s\n    1  " in log
+    assert "accuracy 0." in log and f"outputs in {out}" in log
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.85
+    assert metrics["config"]["epochs"] == 1
+    assert len(pd.read_parquet(out / "predictions.parquet")) == 10_000
+    assert (out / "checkpoint" / "model.pt").is_file()
+
+    # The uploaded working dir is the code, not the virtual environment, runs or data.
+    uploads = [p for p in (cluster.session_dir() / "runtime_resources" / "working_dir_files").iterdir() if p.is_dir()]
+    assert uploads
+    for upload in uploads:
+        names = {p.name for p in upload.iterdir()}
+        assert {"clf", "jobs"} <= names
+        assert not names & {".venv", "runs", "data", ".git"}
+
+
+def test_job_submit_without_the_token_is_refused(cluster):
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "list", "--address", cluster.dashboard_url],
+        env={**env, "HOME": str(ROOT / "tests")},  # no ~/.ray/auth_token to fall back on
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Authentication" in proc.stdout + proc.stderr
