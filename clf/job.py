@@ -163,9 +163,6 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: float) -> RunResult:
-    import ray.data
-
-    from clf.train import fit
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
@@ -175,7 +172,11 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
     t = time.perf_counter()
     dataset = data.load(cfg.data_dir, cfg.download)
     t = lap("load_data_s", t)
-    connect_ray()
+    connect_ray()  # before anything imports ray: see LOOPBACK_ENV
+    import ray.data
+
+    from clf.train import fit
+
     # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     cfg = resolve(cfg)

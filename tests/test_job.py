@@ -1,25 +1,86 @@
 """The whole job on the real data, checked against an independent recomputation."""
 
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from clf import data
 from clf.config import TrainConfig
-from clf.job import evaluate, run
+from clf.job import LOOPBACK_ENV, evaluate
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 
+RUN = """
+import json, sys
+from clf.config import TrainConfig
+from clf.job import run
+r = run(TrainConfig(epochs=1, output=sys.argv[1], storage_path=sys.argv[2]))
+print("RESULT " + json.dumps({"predictions": r.predictions, "accuracy": r.accuracy, "precision": r.precision,
+                              "recall": r.recall, "classes": r.classes, "output": str(r.output)}))
+"""
+
+
 @pytest.fixture(scope="module")
-def one_epoch(ray_local, tmp_path_factory):
+def one_epoch(tmp_path_factory):
+    """`run()` for one epoch in a fresh process, as a user's script would call it, with its embedded Ray;
+    meanwhile, every TCP port that the process and its descendants listen on is recorded."""
     out = tmp_path_factory.mktemp("runs") / "one-epoch"
-    return run(TrainConfig(epochs=1, output=str(out), storage_path=str(out.parent / "ray")))
+    env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}  # the job must see to it itself
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN, str(out), str(out.parent / "ray")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    listening = set()
+    while proc.poll() is None:
+        listening |= listening_addresses(proc.pid)
+        time.sleep(1)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result["output"] = Path(result["output"])
+    return SimpleNamespace(**result, listening=listening, log=stdout + stderr)
+
+
+def listening_addresses(pid: int) -> set[tuple[str, str]]:
+    """(process name, local address) of every listening TCP socket of `pid` and its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for p in procs:
+        try:
+            found |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_embedded_ray_listens_on_loopback_only(one_epoch):
+    loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+    assert {ip for _, ip in one_epoch.listening} & loopback, "no listening sockets seen: the check saw nothing"
+    elsewhere = {(name, ip) for name, ip in one_epoch.listening if ip not in loopback}
+    # One known exception: torch.distributed's TCPStore, which rank 0 of the process group serves while
+    # training, binds every interface (PyTorch offers no bind address for it). Every Ray server is on
+    # loopback.
+    assert {name for name, _ in elsewhere} <= {"ray::RayTrainWorker"}, elsewhere
+
+
+def test_prints_epochs_and_the_table(one_epoch):
+    assert "epoch  loss    train accuracy  images/s\n    1  " in one_epoch.log
+    assert "Ankle boot" in one_epoch.log and "accuracy 0." in one_epoch.log
 
 
 def test_accuracy_and_result_object(one_epoch, real_data):
@@ -78,7 +139,7 @@ def test_checkpoint_loads_without_ray(one_epoch, real_data):
     assert json.loads(proc.stdout) == one_epoch.predictions[:100]
 
 
-def test_shuffled_inference_gives_the_same_predictions(one_epoch, real_data):
+def test_shuffled_inference_gives_the_same_predictions(ray_local, one_epoch, real_data):
     cfg = TrainConfig(num_infer_actors=1, cpus_per_worker=1)
     rows = evaluate(str(one_epoch.output / "checkpoint"), real_data.test, cfg, shuffle=True)
     assert rows["prediction"].tolist() == one_epoch.predictions

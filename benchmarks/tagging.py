@@ -1,0 +1,73 @@
+"""Tagging throughput: Ray Data's predictor over an actor pool against a plain torch loop, same images,
+same model, same CPUs. Prints one JSON line.
+
+    python benchmarks/tagging.py [--images 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from clf import checkpoint, data  # noqa: E402
+from clf.config import TrainConfig  # noqa: E402
+from clf.model import FashionCNN  # noqa: E402
+
+
+def plain(checkpoint_dir: str, images: np.ndarray, batch_size: int) -> float:
+    torch.set_num_threads(os.cpu_count())
+    model, _ = checkpoint.load_model(checkpoint_dir)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            probs = torch.softmax(model(data.preprocess(torch.from_numpy(images[i : i + batch_size]))), dim=1)
+            probs.max(dim=1)
+    return len(images) / (time.perf_counter() - started)
+
+
+def with_ray(checkpoint_dir: str, split: data.Split, cfg: TrainConfig) -> float:
+    import ray
+
+    from clf.infer import predict
+    from clf.job import connect_ray, inference_plan
+
+    connect_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = inference_plan(cfg)
+    started = time.perf_counter()
+    dataset = data.to_ray_dataset(split)
+    tagged = predict(dataset, checkpoint_dir, batch_size=cfg.infer_batch_size, num_actors=cfg.num_infer_actors,
+                     use_gpu=False, cpus_per_actor=1, threads_per_actor=cfg.infer_threads)
+    count = sum(len(b["prediction"]) for b in tagged.iter_batches(batch_size=None))
+    assert count == len(split.labels), count
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=100_000)
+    args = p.parse_args()
+    cfg = TrainConfig()
+    test = data.load().test
+    repeat = -(-args.images // len(test.labels))
+    split = data.Split(images=np.tile(test.images, (repeat, 1, 1)), labels=np.tile(test.labels, repeat))
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        checkpoint.save(folder, FashionCNN(), data.CLASSES)  # throughput does not depend on the weights
+        plain_rate = plain(folder, split.images, cfg.infer_batch_size)
+        ray_rate = with_ray(folder, split, cfg)
+    print(json.dumps({"images": len(split.labels), "plain_images_per_s": plain_rate, "ray_images_per_s": ray_rate}))
+
+
+if __name__ == "__main__":
+    main()
