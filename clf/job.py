@@ -127,7 +127,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def evaluate(result_checkpoint, test: data.Split, cfg: TrainConfig, shuffle: bool = False) -> pd.DataFrame:
-    """Tag every test image with the Ray Data predictor; rows (id, label, prediction, confidence) in id order."""
+    """Tag every test image with the Ray Data predictor; rows (id, label, prediction, confidence) in id order.
+
+    `shuffle` (for tests) reorders the rows first; the shuffle's tasks need a CPU that the actors leave free.
+    """
     from clf.infer import predict
 
     dataset = data.to_ray_dataset(test)

@@ -19,24 +19,22 @@ from clf.config import ClfError, ConfigError, TrainConfig  # noqa: E402
 DEFAULTS = TrainConfig()
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int, non_negative_int = whole_number(1), whole_number(0)
 
 
 def positive_float(text: str) -> float:
@@ -78,7 +76,7 @@ def parse_args(argv=None) -> TrainConfig:
                    help="inference actors (default: one per CPU, or per GPU with --use-gpu)")
     args = p.parse_args(argv)
     try:
-        return TrainConfig(**{k: v for k, v in vars(args).items()})
+        return TrainConfig(**vars(args))
     except ConfigError as e:
         p.error(str(e))
 
