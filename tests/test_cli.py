@@ -1,10 +1,12 @@
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from clf.config import ConfigError, TrainConfig
-from conftest import ROOT
+from conftest import ROOT, make_dataset_dir
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 
@@ -60,3 +62,19 @@ def test_config_checks_its_own_values():
         TrainConfig(lr=-1.0)
     cfg = TrainConfig(epochs=3, lr=0.01)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unreachable_ray_address_is_a_one_line_error(tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--data-dir", str(make_dataset_dir(tmp_path / "data")), "--output", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"train.py: error: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port} (Connection refused)"
+    ]
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
