@@ -62,6 +62,10 @@ class TrainConfig:
     """Where Ray Train keeps its checkpoints while it runs (shared storage on a multi-node cluster).
     None: Ray's default, ~/ray_results."""
 
+    max_failures: int = 2
+    """Worker failures (a killed process, a lost node) Ray Train recovers from by restarting the workers
+    from the latest checkpoint; the next one fails the run."""
+
     infer_batch_size: int = 1024
     """Images per batch in the Ray Data inference job."""
 
@@ -91,6 +95,8 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be zero or more, got {self.weight_decay}")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError(f"max_failures must be a whole number, 0 or more, got {self.max_failures!r}")
         if self.seed < 0:
             raise ConfigError(f"seed must be zero or more, got {self.seed}")
         if self.num_workers is not None and self.batch_size < self.num_workers:

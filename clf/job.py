@@ -208,6 +208,12 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
     )
     result = fit(cfg, dataset.train, run_name=output.name)
     t = lap("train_s", t)
+    if result.metrics.get("resumed_from_epoch"):
+        print(
+            f"training was restarted after a failure and resumed from the checkpoint after epoch "
+            f"{result.metrics['resumed_from_epoch']}",
+            flush=True,
+        )
     rows = evaluate(result.checkpoint, dataset.test, cfg)
     t = lap("inference_s", t)
     scores = metrics_lib.compute(rows["label"], rows["prediction"], len(data.CLASSES))
@@ -248,5 +254,5 @@ def _history(result) -> list[dict]:
     frame = result.metrics_dataframe
     if frame is None or frame.empty:
         return [dict(result.metrics)]
-    keep = ["epoch", "loss", "accuracy", "images_per_s", "elapsed_s"]
+    keep = ["epoch", "loss", "accuracy", "images_per_s", "elapsed_s", "resumed_from_epoch"]
     return frame[[k for k in keep if k in frame.columns]].to_dict(orient="records")

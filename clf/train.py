@@ -69,6 +69,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model, _ = ckpt.load_model(folder)
             state = ckpt.load_train_state(folder)
         start_epoch = state["epoch"]
+    resumed_from = start_epoch
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world_size > 1
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # One-cycle: warm up to cfg.lr over the first 25% of steps, then anneal; it is what gets a small
@@ -115,6 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "accuracy": correct / count,
             "images_per_s": count / (time.perf_counter() - epoch_started),
             "elapsed_s": time.perf_counter() - started,
+            "resumed_from_epoch": resumed_from,  # 0: this attempt started from scratch
         }
         _report(metrics, model, optimizer, scheduler, worker, cfg)
 
@@ -179,7 +181,7 @@ def fit(cfg: TrainConfig, train: Split, run_name: str):
             name=run_name,
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
         ),
     )

@@ -70,6 +70,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--output", default=None, help="new folder for the outputs (default: runs/<timestamp>)")
     p.add_argument("--storage-path", default=None,
                    help="Ray Train checkpoint storage; shared storage (s3://, NFS) on a multi-node cluster")
+    p.add_argument("--max-failures", type=non_negative_int, default=DEFAULTS.max_failures,
+                   help="worker failures to recover from by restarting from the latest checkpoint")
     p.add_argument("--infer-batch-size", type=positive_int, default=DEFAULTS.infer_batch_size,
                    help="images per inference batch")
     p.add_argument("--num-infer-actors", type=positive_int, default=None,
