@@ -78,3 +78,25 @@ def test_unreachable_ray_address_is_a_one_line_error(tmp_path):
         f"train.py: error: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port} (Connection refused)"
     ]
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_output_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_train("--output", str(blocker / "run"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: --output {blocker / 'run'} cannot be written")
+
+
+def test_use_gpu_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "run"
+    proc = run_train("--use-gpu", "--data-dir", str(make_dataset_dir(tmp_path / "data")), "--output", str(out), timeout=180)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: --use-gpu was given but the Ray cluster has no GPU")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
