@@ -22,6 +22,7 @@ from torch import nn  # noqa: E402
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
 from clf.model import FashionCNN  # noqa: E402
+from clf.train import shard_order  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     train_started = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(labels))
+        order = shard_order(len(labels), epoch, cfg.seed, rank=0, world_size=1)  # the Ray path's batches
         for step in range(steps):
             index = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             x = data.preprocess(torch.from_numpy(images[index]))

@@ -89,16 +89,14 @@ class TrainConfig:
         for name, value in optional_positive.items():
             if value is not None:
                 _check_int(name, value)
+        _check_int("max_failures", self.max_failures, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
         if not self.lr > 0:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be zero or more, got {self.weight_decay}")
-        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
-            raise ConfigError(f"max_failures must be a whole number, 0 or more, got {self.max_failures!r}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be zero or more, got {self.seed}")
         if self.num_workers is not None and self.batch_size < self.num_workers:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) is smaller than num_workers ({self.num_workers}): "
@@ -116,6 +114,6 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+def _check_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}")

@@ -69,7 +69,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model, _ = ckpt.load_model(folder)
             state = ckpt.load_train_state(folder)
         start_epoch = state["epoch"]
-    resumed_from = start_epoch
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world_size > 1
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # One-cycle: warm up to cfg.lr over the first 25% of steps, then anneal; it is what gets a small
@@ -81,8 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if worker.rank == 0:
-            sys.stdout.write(f"resumed from the checkpoint after epoch {start_epoch}\n")
-            sys.stdout.flush()
+            _say(f"resumed from the checkpoint after epoch {start_epoch}")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     started = time.perf_counter()
 
@@ -116,9 +114,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "accuracy": correct / count,
             "images_per_s": count / (time.perf_counter() - epoch_started),
             "elapsed_s": time.perf_counter() - started,
-            "resumed_from_epoch": resumed_from,  # 0: this attempt started from scratch
+            "resumed_from_epoch": start_epoch,  # 0: this attempt started from scratch
         }
         _report(metrics, model, optimizer, scheduler, worker, cfg)
+
+
+def _say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Ray Train's
+    patched print() would echo it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
@@ -137,13 +142,11 @@ def _report(metrics, model, optimizer, scheduler, worker: Worker, cfg: TrainConf
     if worker.rank != 0:
         ray.train.report(metrics)
         return
-    # Written to stdout directly: Ray Train's patched print() would echo the line twice.
-    sys.stdout.write(
+    _say(
         f"epoch {metrics['epoch']}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
         f"train accuracy {metrics['accuracy']:.4f}  {metrics['images_per_s']:,.0f} images/s  "
-        f"{metrics['elapsed_s']:.1f} s\n"
+        f"{metrics['elapsed_s']:.1f} s"
     )
-    sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="clf-ckpt-") as folder:
         train_state = {
             "optimizer": optimizer.state_dict(),

@@ -45,6 +45,12 @@ def real_data() -> data.FashionMNIST:
         pytest.fail(f"the real Fashion-MNIST is needed for this test: {e}")
 
 
+def real_subset(real: data.FashionMNIST, n: int, seed: int) -> data.Split:
+    """`n` training images of the real data, drawn at random with `seed`."""
+    keep = np.random.default_rng(seed).permutation(len(real.train.labels))[:n]
+    return data.Split(images=real.train.images[keep], labels=real.train.labels[keep])
+
+
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, magic: int | None = None) -> Path:
     """Write `array` (uint8) in the idx format: magic (0x0800 | ndim), big-endian dimensions, bytes."""
     header = struct.pack(">I", magic if magic is not None else 0x0800 | array.ndim)

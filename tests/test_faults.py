@@ -1,25 +1,25 @@
 """Real faults: a training worker process killed with SIGKILL mid-run."""
 
+import contextlib
 import os
 import signal
 import threading
 import time
 
-import numpy as np
 import psutil
 import pytest
 
-from clf import checkpoint, data
-from clf.config import TrainConfig
+from clf import checkpoint
+from clf.config import ClfError, TrainConfig
 from clf.train import fit
+from conftest import real_subset
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def subset(real_data):
-    keep = np.random.default_rng(1).permutation(len(real_data.train.labels))[:8000]
-    return data.Split(images=real_data.train.images[keep], labels=real_data.train.labels[keep])
+    return real_subset(real_data, 8000, seed=1)
 
 
 def training_workers() -> list[psutil.Process]:
@@ -45,13 +45,29 @@ def kill_worker_after_first_checkpoint(run_dir, killed: list) -> None:
         time.sleep(0.1)
 
 
-def test_killed_worker_resumes_from_the_checkpoint_and_ends_as_if_never_killed(ray_local, subset, tmp_path):
-    cfg = TrainConfig(epochs=4, batch_size=64, num_workers=1, cpus_per_worker=2, storage_path=str(tmp_path), max_failures=2)
+@contextlib.contextmanager
+def worker_killed_after_first_checkpoint(run_dir):
+    """While the block runs, SIGKILL the training worker once Ray Train has registered a checkpoint;
+    yields the list of pids killed."""
     killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_after_first_checkpoint, args=(tmp_path / "faulty", killed))
+    killer = threading.Thread(target=kill_worker_after_first_checkpoint, args=(run_dir, killed))
     killer.start()
-    result = fit(cfg, subset, run_name="faulty")
-    killer.join()
+    try:
+        yield killed
+    finally:
+        killer.join()
+
+
+def four_epochs(tmp_path, max_failures: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=4, batch_size=64, num_workers=1, cpus_per_worker=2, storage_path=str(tmp_path), max_failures=max_failures
+    )
+
+
+def test_killed_worker_resumes_from_the_checkpoint_and_ends_as_if_never_killed(ray_local, subset, tmp_path):
+    cfg = four_epochs(tmp_path, max_failures=2)
+    with worker_killed_after_first_checkpoint(tmp_path / "faulty") as killed:
+        result = fit(cfg, subset, run_name="faulty")
 
     assert killed, "no training worker was found to kill"
     assert result.metrics["epoch"] == 4
@@ -66,13 +82,7 @@ def test_killed_worker_resumes_from_the_checkpoint_and_ends_as_if_never_killed(r
 
 
 def test_without_retries_a_killed_worker_fails_the_run(ray_local, subset, tmp_path):
-    from clf.config import ClfError
-
-    cfg = TrainConfig(epochs=4, batch_size=64, num_workers=1, cpus_per_worker=2, storage_path=str(tmp_path), max_failures=0)
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_after_first_checkpoint, args=(tmp_path / "fragile", killed))
-    killer.start()
-    with pytest.raises(ClfError, match="training failed"):
-        fit(cfg, subset, run_name="fragile")
-    killer.join()
+    with worker_killed_after_first_checkpoint(tmp_path / "fragile") as killed:
+        with pytest.raises(ClfError, match="training failed"):
+            fit(four_epochs(tmp_path, max_failures=0), subset, run_name="fragile")
     assert killed

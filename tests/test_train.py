@@ -4,6 +4,7 @@ import pytest
 from clf import checkpoint, data
 from clf.config import TrainConfig
 from clf.train import fit, shard_order
+from conftest import real_subset
 
 pytestmark = pytest.mark.slow
 
@@ -11,8 +12,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_train(real_data):
     """4,000 real training images: enough for the loss to fall within two short epochs."""
-    keep = np.random.default_rng(0).permutation(len(real_data.train.labels))[:4000]
-    return data.Split(images=real_data.train.images[keep], labels=real_data.train.labels[keep])
+    return real_subset(real_data, 4000, seed=0)
 
 
 def train(split, tmp_path, name, **overrides):
