@@ -15,14 +15,13 @@ from pathlib import Path
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
 from clf.model import FashionCNN  # noqa: E402
-from clf.train import shard_order  # noqa: E402
+from clf.train import epoch_batches, steps_per_epoch  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     model = FashionCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = -(-len(labels) // cfg.batch_size)
+    steps = steps_per_epoch(len(labels), cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.25
     )
@@ -47,9 +46,8 @@ def main() -> None:
     train_started = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        order = shard_order(len(labels), epoch, cfg.seed, rank=0, world_size=1)  # the Ray path's batches
-        for step in range(steps):
-            index = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+        # The Ray path's batches, in the same order.
+        for index in epoch_batches(len(labels), epoch, cfg.seed, rank=0, world_size=1, batch_size=cfg.batch_size):
             x = data.preprocess(torch.from_numpy(images[index]))
             y = torch.from_numpy(labels[index])
             loss = loss_fn(model(x), y)

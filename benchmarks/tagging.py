@@ -39,11 +39,11 @@ def with_ray(checkpoint_dir: str, split: data.Split, cfg: TrainConfig) -> float:
     import ray
 
     from clf.infer import predict
-    from clf.job import connect_ray, resolve
+    from clf.job import connect_ray, resolve_inference
 
     connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = resolve(cfg)  # the actor count the job would use
+    cfg = resolve_inference(cfg)  # the actor count the job would use
     started = time.perf_counter()  # actor start-up included: it is part of every tagging run
     dataset = data.to_ray_dataset(split)
     tagged = predict(dataset, checkpoint_dir, batch_size=cfg.infer_batch_size, num_actors=cfg.num_infer_actors,

@@ -26,7 +26,7 @@ class TrainConfig:
     batch_size: int = 128
     """Global batch size: images per optimizer step, summed over all workers."""
 
-    lr: float = 5e-3
+    lr: float = 1e-2
     """Peak learning rate of the one-cycle schedule, for `batch_size` images per step."""
 
     weight_decay: float = 5e-4
@@ -38,6 +38,10 @@ class TrainConfig:
     num_workers: int | None = None
     """Training workers. None: 1 on CPU (one process using every core beats several single-threaded
     ones on a small machine), the number of GPUs in the cluster with `use_gpu`."""
+
+    min_workers: int | None = None
+    """Elastic training: the fewest workers a run goes on with when nodes are lost (or not there at the
+    start), up to `num_workers`. None: exactly `num_workers`, waiting for lost ones to be replaced."""
 
     cpus_per_worker: int | None = None
     """CPUs (and torch threads) per training worker. None: the cluster's CPUs divided by the workers,
@@ -62,6 +66,10 @@ class TrainConfig:
     """Where Ray Train keeps its checkpoints while it runs (shared storage on a multi-node cluster).
     None: Ray's default, ~/ray_results."""
 
+    run_name: str | None = None
+    """The run's name in `storage_path`. Started again with the same name and storage, a run resumes from
+    its latest checkpoint. None: a new name for every run."""
+
     max_failures: int = 2
     """Worker failures (a killed process, a lost node) Ray Train recovers from by restarting the workers
     from the latest checkpoint; the next one fails the run."""
@@ -81,6 +89,7 @@ class TrainConfig:
         }
         optional_positive = {
             "num_workers": self.num_workers,
+            "min_workers": self.min_workers,
             "cpus_per_worker": self.cpus_per_worker,
             "num_infer_actors": self.num_infer_actors,
         }
@@ -102,6 +111,12 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) is smaller than num_workers ({self.num_workers}): "
                 "each worker needs at least one image per step"
             )
+        if self.min_workers is not None and self.num_workers is not None and self.min_workers > self.num_workers:
+            raise ConfigError(f"min_workers ({self.min_workers}) is more than num_workers ({self.num_workers})")
+        if self.run_name is not None and (
+            not self.run_name.strip() or self.run_name in (".", "..") or any(c in self.run_name for c in "/\\")
+        ):
+            raise ConfigError(f"run_name must be a plain folder name, got {self.run_name!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

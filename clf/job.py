@@ -8,6 +8,7 @@ like a run is always a complete run.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -107,12 +108,16 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the settings left to the cluster (workers, CPUs each, inference actors) from its resources."""
+def _cluster_cpus_gpus() -> tuple[int, int]:
     import ray
 
     resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    return int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+
+
+def resolve_training(cfg: TrainConfig) -> TrainConfig:
+    """Fill the training settings left to the cluster (workers, CPUs each) from its resources."""
+    cpus, gpus = _cluster_cpus_gpus()
     if cfg.use_gpu:
         if gpus < 1:
             raise ConfigError(
@@ -120,26 +125,36 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                 "least one GPU node up)"
             )
         num_workers = cfg.num_workers or gpus
-        if num_workers > gpus:
-            raise ConfigError(f"--num-workers {num_workers} with --use-gpu needs {num_workers} GPUs; the cluster has {gpus}")
+        needed = min(num_workers, cfg.min_workers or num_workers)  # an elastic run starts with its minimum
+        if needed > gpus:
+            raise ConfigError(f"--num-workers {needed} with --use-gpu needs {needed} GPUs; the cluster has {gpus}")
         # The GPU does the arithmetic; a thread or two keeps it fed from the in-memory shard.
         cpus_per_worker = cfg.cpus_per_worker or 1
-        num_infer_actors = cfg.num_infer_actors or gpus
     else:
         num_workers = cfg.num_workers or 1
         cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // num_workers)
-        if num_workers * cpus_per_worker > cpus:
+        needed = min(num_workers, cfg.min_workers or num_workers)
+        if needed * cpus_per_worker > cpus:
             raise ConfigError(
-                f"{num_workers} workers x {cpus_per_worker} CPUs need {num_workers * cpus_per_worker} CPUs; "
+                f"{needed} workers x {cpus_per_worker} CPUs need {needed * cpus_per_worker} CPUs; "
                 f"the cluster has {cpus}"
             )
-        # One single-threaded actor per CPU: faster than fewer multi-threaded ones for a model this
-        # small. The test set is already in memory, so no task upstream needs a CPU of its own (a
-        # pipeline that reads or shuffles must leave it one, or the actors starve it).
-        num_infer_actors = cfg.num_infer_actors or max(1, cpus)
-    return cfg.replace(
-        num_workers=num_workers, cpus_per_worker=cpus_per_worker, num_infer_actors=num_infer_actors
-    )
+    if cfg.min_workers is not None and cfg.min_workers > num_workers:
+        raise ConfigError(f"--min-workers {cfg.min_workers} is more than the {num_workers} workers of the run")
+    return cfg.replace(num_workers=num_workers, cpus_per_worker=cpus_per_worker)
+
+
+def resolve_inference(cfg: TrainConfig) -> TrainConfig:
+    """Fill the inference actor count from the cluster as it is now (after training: a node may be gone)."""
+    if cfg.num_infer_actors:
+        return cfg
+    cpus, gpus = _cluster_cpus_gpus()
+    if cfg.use_gpu:
+        return cfg.replace(num_infer_actors=max(1, gpus))
+    # One single-threaded actor per CPU: faster than fewer multi-threaded ones for a model this small.
+    # The test set is already in memory, so no task upstream needs a CPU of its own (a pipeline that
+    # reads or shuffles must leave it one, or the actors starve it).
+    return cfg.replace(num_infer_actors=max(1, cpus))
 
 
 def evaluate(result_checkpoint, test: data.Split, cfg: TrainConfig, shuffle: bool = False) -> pd.DataFrame:
@@ -189,31 +204,43 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
         timings[name] = round(now - since, 3)
         return now
 
+    if cfg.run_name is None:
+        cfg = cfg.replace(run_name=f"{output.name}-{secrets.token_hex(3)}")  # never an earlier run's
     t = time.perf_counter()
     dataset = data.load(cfg.data_dir, cfg.download)
     t = lap("load_data_s", t)
     connect_ray()  # before anything imports ray: see LOOPBACK_ENV
     import ray.data
 
-    from clf.train import fit
+    from clf.train import check_resumable, fit, previous_run, storage_uri
 
     # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    cfg = resolve(cfg)
+    cfg = resolve_training(cfg)
     t = lap("ray_start_s", t)
+    earlier = previous_run(cfg, cfg.run_name)
+    if earlier is not None:
+        check_resumable(earlier, cfg, cfg.run_name)
+        if earlier["epoch"] >= cfg.epochs:
+            print(f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): tagging with its final model", flush=True)
+        else:
+            print(f"run {cfg.run_name} has a checkpoint after epoch {earlier['epoch']}: resuming from it", flush=True)
+    else:
+        print(
+            f"run {cfg.run_name}: checkpoints in {storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name} "
+            f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)",
+            flush=True,
+        )
     print(
         f"training on {len(dataset.train.labels):,} images from {dataset.source}: {cfg.num_workers} "
         f"worker(s) x {cfg.cpus_per_worker} CPU{' + 1 GPU' if cfg.use_gpu else ''}, {cfg.epochs} epoch(s)",
         flush=True,
     )
-    result = fit(cfg, dataset.train, run_name=output.name)
+    result = fit(cfg, dataset.train)
     t = lap("train_s", t)
     if result.metrics.get("resumed_from_epoch"):
-        print(
-            f"training was restarted after a failure and resumed from the checkpoint after epoch "
-            f"{result.metrics['resumed_from_epoch']}",
-            flush=True,
-        )
+        print(f"training resumed from the checkpoint after epoch {result.metrics['resumed_from_epoch']}", flush=True)
+    cfg = resolve_inference(cfg)
     rows = evaluate(result.checkpoint, dataset.test, cfg)
     t = lap("inference_s", t)
     scores = metrics_lib.compute(rows["label"], rows["prediction"], len(data.CLASSES))
@@ -236,7 +263,8 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
         },
     )
     staging.rename(output)
-    print(report.history_table(history), flush=True)
+    if history:
+        print(report.history_table(history), flush=True)
     print(report.table(scores, data.CLASSES), flush=True)
     return RunResult(
         predictions=rows["prediction"].tolist(),
@@ -254,5 +282,8 @@ def _history(result) -> list[dict]:
     frame = result.metrics_dataframe
     if frame is None or frame.empty:
         return [dict(result.metrics)]
-    keep = ["epoch", "loss", "accuracy", "images_per_s", "elapsed_s", "resumed_from_epoch"]
+    keep = ["epoch", "loss", "accuracy", "images_per_s", "elapsed_s", "resumed_from_epoch", "workers"]
+    if "epoch" not in frame.columns:  # a finished run started again: nothing was trained this time
+        return []
+    frame = frame.dropna(subset=["epoch"])
     return frame[[k for k in keep if k in frame.columns]].to_dict(orient="records")

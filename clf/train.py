@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from clf import checkpoint as ckpt
-from clf.config import ClfError, TrainConfig
+from clf.config import ClfError, ConfigError, TrainConfig
 from clf.data import CLASSES, Split, preprocess
 from clf.model import FashionCNN
 
@@ -50,6 +50,19 @@ def shard_order(num_images: int, epoch: int, seed: int, rank: int, world_size: i
     return order[rank::world_size][:per_rank]
 
 
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: set by the global batch size alone, so the schedule does not change
+    when an elastic run continues with fewer workers."""
+    return -(-num_images // batch_size)
+
+
+def epoch_batches(num_images: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int):
+    """This rank's batches of image indices for one epoch: its shard cut into `steps_per_epoch` nearly
+    equal parts (about batch_size / world_size images each), sorted for faster gathering."""
+    shard = shard_order(num_images, epoch, seed, rank, world_size)
+    return [np.sort(part) for part in np.array_split(shard, steps_per_epoch(num_images, batch_size))]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
@@ -58,8 +71,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig.from_dict(loop_config["config"])
     worker = setup_worker(cfg)
     images, labels = (ray.get(ref) for ref in loop_config["train"])
-    per_worker_batch = cfg.batch_size // worker.world_size
-    steps_per_epoch = -(-(len(labels) // worker.world_size) // per_worker_batch)
+    steps = steps_per_epoch(len(labels), cfg.batch_size)
 
     start_epoch, state = 0, None
     model = FashionCNN()
@@ -74,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # One-cycle: warm up to cfg.lr over the first 25% of steps, then anneal; it is what gets a small
     # CNN past 90% in one or two epochs.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.25
     )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -88,12 +100,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch_started = time.perf_counter()
         # Dropout's randomness depends on (seed, rank, epoch) only, so a resumed run matches.
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + worker.rank)
-        order = shard_order(len(labels), epoch, cfg.seed, worker.rank, worker.world_size)
+        batches = epoch_batches(len(labels), epoch, cfg.seed, worker.rank, worker.world_size, cfg.batch_size)
         model.train()
         # Summed over this rank's images: loss, correct predictions, images; all-reduced at the end.
         totals = torch.zeros(3, dtype=torch.float64, device=worker.device)
-        for step in range(steps_per_epoch):
-            index = np.sort(order[step * per_worker_batch : (step + 1) * per_worker_batch])
+        for index in batches:
             x = preprocess(torch.from_numpy(images[index]).to(worker.device))
             y = torch.from_numpy(labels[index]).to(worker.device)
             logits = model(x)
@@ -115,8 +126,54 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "images_per_s": count / (time.perf_counter() - epoch_started),
             "elapsed_s": time.perf_counter() - started,
             "resumed_from_epoch": start_epoch,  # 0: this attempt started from scratch
+            "workers": worker.world_size,  # fewer than asked after a lost node, in an elastic run
         }
         _report(metrics, model, optimizer, scheduler, worker, cfg)
+
+
+# The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
+RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    return {name: getattr(cfg, name) for name in RESUME_SETTINGS}
+
+
+def storage_uri(storage_path: str | None) -> str:
+    """Ray Train's storage as an absolute path or a URI (s3://, gs://)."""
+    from ray.train.constants import DEFAULT_STORAGE_PATH
+
+    if storage_path is None:
+        return DEFAULT_STORAGE_PATH
+    if "://" in storage_path:
+        return storage_path
+    return os.path.abspath(os.path.expanduser(storage_path))
+
+
+def previous_run(cfg: TrainConfig, run_name: str) -> dict | None:
+    """The train state of the latest checkpoint of an earlier run of this name in the storage, if any:
+    `fit` with the same name and storage resumes from it."""
+    from ray.train import Result
+
+    try:
+        earlier = Result.from_path(f"{storage_uri(cfg.storage_path).rstrip('/')}/{run_name}")
+    except RuntimeError:  # no such run folder, or no checkpoint registered in it
+        return None
+    if earlier.checkpoint is None:
+        return None
+    with earlier.checkpoint.as_directory() as folder:
+        return ckpt.load_train_state(folder)
+
+
+def check_resumable(state: dict, cfg: TrainConfig, run_name: str) -> None:
+    """Refuse to continue a run with settings other than those it was started with."""
+    before, now = state.get("settings", {}), run_settings(cfg)
+    changed = [f"{name} {before.get(name)!r} -> {now[name]!r}" for name in now if before.get(name) != now[name]]
+    if changed:
+        raise ConfigError(
+            f"run {run_name!r} in {storage_uri(cfg.storage_path)} was started with other settings "
+            f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
+        )
 
 
 def _say(line: str) -> None:
@@ -152,12 +209,13 @@ def _report(metrics, model, optimizer, scheduler, worker: Worker, cfg: TrainConf
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": metrics["epoch"],  # epochs completed
+            "settings": run_settings(cfg),
         }
         ckpt.save(folder, model, CLASSES, train_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def fit(cfg: TrainConfig, train: Split, run_name: str):
+def fit(cfg: TrainConfig, train: Split):
     """Train with a TorchTrainer on the connected Ray cluster; the Result's checkpoint is the final model."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -170,6 +228,11 @@ def fit(cfg: TrainConfig, train: Split, run_name: str):
     # noticed at the next check, so on short runs the default adds a second on average; Ray Train
     # passes this variable from the driver to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    num_workers = cfg.num_workers
+    if cfg.min_workers is not None and cfg.min_workers < cfg.num_workers:
+        # Elastic: start with what can be placed, down to min_workers; after a lost node, go on with
+        # the workers that still fit rather than wait for a replacement.
+        num_workers = (cfg.min_workers, cfg.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -178,11 +241,11 @@ def fit(cfg: TrainConfig, train: Split, run_name: str):
             "train": (ray.put(train.images), ray.put(train.labels)),
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=cfg.storage_path,
+            name=cfg.run_name,  # None: Ray picks a new name
+            storage_path=storage_uri(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report

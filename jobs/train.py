@@ -58,6 +58,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak learning rate (one-cycle)")
     p.add_argument("--num-workers", type=positive_int, default=None,
                    help="training workers (default: 1 on CPU, one per GPU with --use-gpu)")
+    p.add_argument("--min-workers", type=positive_int, default=None,
+                   help="elastic training: go on with as few as this many workers when nodes are lost "
+                        "(default: exactly --num-workers)")
     p.add_argument("--cpus-per-worker", type=positive_int, default=None,
                    help="CPUs and torch threads per worker (default: the cluster's CPUs / workers)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per training worker and inference actor")
@@ -70,6 +73,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--output", default=None, help="new folder for the outputs (default: runs/<timestamp>)")
     p.add_argument("--storage-path", default=None,
                    help="Ray Train checkpoint storage; shared storage (s3://, NFS) on a multi-node cluster")
+    p.add_argument("--run-name", default=None,
+                   help="the run's name in --storage-path; the same name and storage resume the run from its "
+                        "latest checkpoint (default: a new name for every run)")
     p.add_argument("--max-failures", type=non_negative_int, default=DEFAULTS.max_failures,
                    help="worker failures to recover from by restarting from the latest checkpoint")
     p.add_argument("--infer-batch-size", type=positive_int, default=DEFAULTS.infer_batch_size,

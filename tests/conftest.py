@@ -51,6 +51,19 @@ def real_subset(real: data.FashionMNIST, n: int, seed: int) -> data.Split:
     return data.Split(images=real.train.images[keep], labels=real.train.labels[keep])
 
 
+def real_dataset_dir(real: data.FashionMNIST, folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """A data folder (the four idx .gz files) holding a random subset of the real data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        part = getattr(real, split)
+        keep = rng.permutation(len(part.labels))[:n]
+        images_name, labels_name = data.FILES[split]
+        write_idx(folder / images_name, part.images[keep])
+        write_idx(folder / labels_name, part.labels[keep])
+    return folder
+
+
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, magic: int | None = None) -> Path:
     """Write `array` (uint8) in the idx format: magic (0x0800 | ndim), big-endian dimensions, bytes."""
     header = struct.pack(">I", magic if magic is not None else 0x0800 | array.ndim)

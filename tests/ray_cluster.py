@@ -1,7 +1,8 @@
 """A real Ray cluster on loopback for tests: started with `ray start`, stopped by its own processes only.
 
-Every process of the cluster has its --temp-dir in its command line or descends from one that has;
-stopping kills exactly those, never `ray stop` (which ends every Ray on the machine).
+Every node has a --temp-dir of its own, and every process of the cluster has one of them in its command
+line or descends from one that has; stopping kills exactly those, never `ray stop` (which ends every Ray
+on the machine).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class LocalCluster:
     def __init__(self, num_cpus: int = 2):
         # Short, private temp dir: Ray's unix socket paths must stay under ~100 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="clf-ray-", dir="/tmp")
+        self.worker_temp_dirs: list[str] = []
+        self._node_helpers: list[subprocess.Popen] = []
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {
             **os.environ,
@@ -72,13 +75,44 @@ class LocalCluster:
             raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
         return self
 
-    def processes(self) -> list[psutil.Process]:
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def add_worker_node(self, num_cpus: int = 1) -> str:
+        """Start one more node on loopback with a --temp-dir of its own, joined to the head; returns that
+        temp dir. (`tests/ray_node.py` says why not `ray start`.)"""
+        temp_dir = tempfile.mkdtemp(prefix="clf-ray-w-", dir="/tmp")
+        self.worker_temp_dirs.append(temp_dir)
+        node = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("ray_node.py")), "--address", self.address,
+             "--temp-dir", temp_dir, "--num-cpus", str(num_cpus)],
+            env=self.env, stdout=subprocess.PIPE, text=True,
+        )
+        self._node_helpers.append(node)
+        line = node.stdout.readline()  # "node ID up", or "" if it died
+        if " up" not in line:
+            raise RuntimeError(f"the worker node did not start (exit {node.wait(timeout=30)})")
+        return temp_dir
+
+    def raylet(self, temp_dir: str) -> psutil.Process:
+        """The raylet of the node with this temp dir."""
+        for p in self.processes([temp_dir]):
+            if p.name() == "raylet":
+                return p
+        raise RuntimeError(f"no raylet for the node in {temp_dir}")
+
+    def processes(self, temp_dirs: list[str] | None = None) -> list[psutil.Process]:
+        """The processes of the nodes with these temp dirs (default: the whole cluster), with descendants."""
+        temp_dirs = temp_dirs if temp_dirs is not None else [self.temp_dir, *self.worker_temp_dirs]
         roots = []
         for p in psutil.process_iter(["cmdline"]):
             try:
                 args = p.info["cmdline"] or []
-                # The client server names only the GCS address, not the temp dir.
-                if any(self.temp_dir in a or a.endswith(f"127.0.0.1:{self.gcs_port}") for a in args):
+                # The head's client server names only the GCS address, not the temp dir.
+                if any(any(d in a for d in temp_dirs) for a in args) or (
+                    self.temp_dir in temp_dirs and any(a.endswith(f"127.0.0.1:{self.gcs_port}") for a in args)
+                ):
                     roots.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -104,7 +138,11 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for helper in self._node_helpers:
+            helper.wait(timeout=10)
+            helper.stdout.close()
+        for temp_dir in (self.temp_dir, *self.worker_temp_dirs):
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
     def submit(self, *entrypoint: str, working_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
         cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir), "--", *entrypoint]

@@ -32,6 +32,9 @@ def test_help_lists_the_flags():
         (["--epochs", "two"], "--epochs: 'two' is not a whole number"),
         (["--num-workers", "4", "--batch-size", "2"], "batch_size (2) is smaller than num_workers (4)"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--num-workers", "2", "--min-workers", "3"], "min_workers (3) is more than num_workers (2)"),
+        (["--run-name", "../elsewhere"], "run_name must be a plain folder name"),
+        (["--min-workers", "0"], "--min-workers: must be at least 1, got 0"),
     ],
 )
 def test_bad_flag_values_are_usage_errors(args, complaint):

@@ -1,6 +1,7 @@
 """cluster.yaml passes Ray's own cluster-config validation, offline."""
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -38,3 +39,12 @@ def test_dashboard_stays_on_loopback(config):
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start
     assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+
+
+def test_every_node_starts_with_token_auth_and_the_token_stays_out_of_the_repo(config):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    # The token is copied from the user's machine, not from the checkout.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert not re.search(r"\b[0-9a-f]{32,}\b", (ROOT / "cluster.yaml").read_text())

@@ -67,7 +67,7 @@ def four_epochs(tmp_path, max_failures: int) -> TrainConfig:
 def test_killed_worker_resumes_from_the_checkpoint_and_ends_as_if_never_killed(ray_local, subset, tmp_path):
     cfg = four_epochs(tmp_path, max_failures=2)
     with worker_killed_after_first_checkpoint(tmp_path / "faulty") as killed:
-        result = fit(cfg, subset, run_name="faulty")
+        result = fit(cfg.replace(run_name="faulty"), subset)
 
     assert killed, "no training worker was found to kill"
     assert result.metrics["epoch"] == 4
@@ -75,7 +75,7 @@ def test_killed_worker_resumes_from_the_checkpoint_and_ends_as_if_never_killed(r
     checkpoint.load_model(result.checkpoint.path)
 
     # Same seed, same workers, never killed: the same numbers, so the resumed run lost and repeated nothing.
-    clean = fit(cfg, subset, run_name="clean")
+    clean = fit(cfg.replace(run_name="clean"), subset)
     assert clean.metrics["resumed_from_epoch"] == 0
     assert result.metrics["loss"] == clean.metrics["loss"]
     assert result.metrics["accuracy"] == clean.metrics["accuracy"]
@@ -84,5 +84,5 @@ def test_killed_worker_resumes_from_the_checkpoint_and_ends_as_if_never_killed(r
 def test_without_retries_a_killed_worker_fails_the_run(ray_local, subset, tmp_path):
     with worker_killed_after_first_checkpoint(tmp_path / "fragile") as killed:
         with pytest.raises(ClfError, match="training failed"):
-            fit(four_epochs(tmp_path, max_failures=0), subset, run_name="fragile")
+            fit(four_epochs(tmp_path, max_failures=0).replace(run_name="fragile"), subset)
     assert killed

@@ -3,7 +3,7 @@ import pytest
 
 from clf import checkpoint, data
 from clf.config import TrainConfig
-from clf.train import fit, shard_order
+from clf.train import epoch_batches, fit, shard_order
 from conftest import real_subset
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ def small_train(real_data):
 
 def train(split, tmp_path, name, **overrides):
     cfg = TrainConfig(epochs=2, batch_size=64, storage_path=str(tmp_path), **overrides)
-    return fit(cfg, split, run_name=name)
+    return fit(cfg.replace(run_name=name), split)
 
 
 def losses(result):
@@ -30,6 +30,17 @@ def test_shards_cover_the_data_once_and_agree_across_ranks():
     together = np.concatenate(shards)
     assert len(np.unique(together)) == len(together)
     assert not np.array_equal(shards[0], shard_order(1003, epoch=2, seed=5, rank=0, world_size=3))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_step_count_depends_on_the_global_batch_only(world_size):
+    # An elastic run that loses a worker keeps its schedule: as many steps per epoch with any world size.
+    batches = [epoch_batches(1003, 0, 5, rank, world_size, batch_size=64) for rank in range(world_size)]
+    assert {len(b) for b in batches} == {16}  # ceil(1003 / 64)
+    sizes = {len(batch) for rank_batches in batches for batch in rank_batches}
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= -(-64 // world_size)
+    together = np.concatenate([batch for rank_batches in batches for batch in rank_batches])
+    assert len(np.unique(together)) == len(together) == 1003 // world_size * world_size
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -1,0 +1,133 @@
+"""Real recoveries through the real CLI: a driver killed mid-run and started again with the same run name;
+a worker node lost mid-training on a two-node loopback cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT, real_dataset_dir
+from ray_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+TRAIN = str(ROOT / "jobs" / "train.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(real_data, tmp_path_factory):
+    return real_dataset_dir(real_data, tmp_path_factory.mktemp("data"), n_train=6000, n_test=1000)
+
+
+def start_driver(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT
+    )
+
+
+def wait_for_checkpoint(run_dir: Path, driver: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until Ray Train has registered a checkpoint of the run (a restart can then resume from it)."""
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+        if driver.poll() is not None:
+            pytest.fail(f"the driver ended (exit {driver.returncode}) before a checkpoint:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint registered in {run_dir} within {timeout} s")
+        time.sleep(0.1)
+
+
+def kill_driver(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver alone, as a crash or an OOM kill would; then stop what it had started (its
+    embedded Ray) if that outlives it."""
+    started = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    _, alive = psutil.wait_procs(started, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    try:
+        driver.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_driver(driver)
+        pytest.fail(f"the driver did not finish within {timeout} s:\n{log.read_text()[-3000:]}")
+    return log.read_text()
+
+
+def test_a_killed_driver_started_again_resumes_its_run(data_dir, tmp_path):
+    storage = tmp_path / "storage"
+    common = ["--data-dir", str(data_dir), "--epochs", "3", "--batch-size", "64",
+              "--storage-path", str(storage), "--run-name", "nightly"]
+
+    first_log = tmp_path / "first.log"
+    first = start_driver([*common, "--output", str(tmp_path / "first")], first_log)
+    wait_for_checkpoint(storage / "nightly", first, first_log)
+    kill_driver(first)
+    assert not (tmp_path / "first").exists()  # no outputs that look complete
+
+    second_log = tmp_path / "second.log"
+    second = start_driver([*common, "--output", str(tmp_path / "second")], second_log)
+    out = finish(second, second_log)
+    assert second.returncode == 0, out[-3000:]
+    assert "run nightly has a checkpoint after epoch" in out
+    assert "training resumed from the checkpoint after epoch" in out
+    metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    last = metrics["history"][-1]
+    assert last["epoch"] == 3 and last["resumed_from_epoch"] >= 1  # went on; did not start over
+    assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
+
+    # The same name with other settings is another experiment: refused before any training.
+    third = subprocess.run(
+        [sys.executable, TRAIN, *common, "--epochs", "4", "--output", str(tmp_path / "third")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert third.returncode == 2
+    assert "run 'nightly'" in third.stderr and "epochs 3 -> 4" in third.stderr
+    assert "Traceback" not in third.stderr
+    assert not (tmp_path / "third").exists()
+
+
+def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(data_dir, tmp_path):
+    cluster = LocalCluster(num_cpus=1).start()
+    try:
+        worker_node = cluster.add_worker_node(num_cpus=1)
+        storage = tmp_path / "storage"
+        log = tmp_path / "driver.log"
+        driver = start_driver(
+            ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64",
+             "--num-workers", "2", "--min-workers", "1", "--cpus-per-worker", "1",
+             "--storage-path", str(storage), "--run-name", "elastic", "--output", str(tmp_path / "out")],
+            log,
+            # After the loss an elastic run first waits this long for its full size (Ray's default: 60 s,
+            # time an autoscaler gets to bring a replacement), then goes on with the workers that fit.
+            env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"},
+        )
+        wait_for_checkpoint(storage / "elastic", driver, log)
+        on_worker_node = [p for p in cluster.processes([worker_node]) if p.name().startswith("ray::RayTrainWorker")]
+        assert on_worker_node, "no training worker ran on the worker node"
+        cluster.raylet(worker_node).send_signal(signal.SIGKILL)
+
+        out = finish(driver, log)
+        assert driver.returncode == 0, out[-3000:]
+        assert "training resumed from the checkpoint after epoch" in out
+        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+        history = metrics["history"]
+        assert history[-1]["epoch"] == 4 and history[-1]["workers"] == 1
+        assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
+    finally:
+        cluster.stop()
