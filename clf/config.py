@@ -129,6 +129,53 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+TAG_FORMATS = ("parquet", "csv")
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    checkpoint: str
+    """A training run's checkpoint folder (runs/NAME/checkpoint)."""
+
+    input: str
+    """A folder of product photos (every file in it and below gets a row), or a .parquet / .csv file
+    with a `path` column listing them (relative paths are relative to that file's folder)."""
+
+    output: str
+    """New folder for tags.parquet (or tags.csv); an existing one is refused."""
+
+    num_actors: int | None = None
+    """Predictor actors. None: one per GPU with `use_gpu`, else one per CPU but one, which is left to the
+    tasks that read and decode the photos."""
+
+    batch_size: int = 256
+    """Photos per batch, for decoding and for the model."""
+
+    use_gpu: bool = False
+    """One GPU per predictor actor."""
+
+    review_threshold: float = 0.6
+    """Rows whose confidence (the top class's softmax probability) is below this get needs_review."""
+
+    format: str = "parquet"
+    """"parquet" (tags.parquet, a folder of Parquet files) or "csv" (tags.csv, a folder of CSV files)."""
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint", "input", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
+        _check_int("batch_size", self.batch_size)
+        if self.num_actors is not None:
+            _check_int("num_actors", self.num_actors)
+        if not 0 <= self.review_threshold <= 1:
+            raise ConfigError(f"review_threshold must be between 0 and 1, got {self.review_threshold}")
+        if self.format not in TAG_FORMATS:
+            raise ConfigError(f"format must be one of {', '.join(TAG_FORMATS)}, got {self.format!r}")
+
+    def replace(self, **changes) -> TagConfig:
+        return dataclasses.replace(self, **changes)
+
+
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}")

@@ -15,9 +15,10 @@ from clf.data import preprocess
 
 
 class Predictor:
-    def __init__(self, checkpoint, use_gpu: bool = False, num_threads: int | None = None):
+    def __init__(self, checkpoint, use_gpu: bool = False, num_threads: int | None = None, top_k: int = 0):
         """`checkpoint`: a `ray.train.Checkpoint` (fetched from Ray's storage, which on a multi-node
-        cluster is shared) or a local folder path."""
+        cluster is shared) or a local folder path. `top_k` > 0 adds the k likeliest classes per row."""
+        self.top_k = top_k
         if num_threads:
             # Ray sets OMP_NUM_THREADS=1 in its workers; use the CPUs this actor was given.
             torch.set_num_threads(num_threads)
@@ -32,14 +33,20 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.array(batch.pop("image"), dtype=np.uint8)).to(self.device)
         probs = torch.softmax(self.model(preprocess(images)), dim=1)
-        confidence, prediction = probs.max(dim=1)
-        batch["prediction"] = prediction.cpu().numpy().astype(np.int64)
-        batch["confidence"] = confidence.cpu().numpy().astype(np.float32)
+        top_probs, top_classes = probs.topk(max(1, self.top_k), dim=1)
+        batch["prediction"] = top_classes[:, 0].cpu().numpy().astype(np.int64)
+        batch["confidence"] = top_probs[:, 0].cpu().numpy().astype(np.float32)
+        if self.top_k:
+            batch["top_classes"] = top_classes.cpu().numpy().astype(np.int64)  # (N, top_k), likeliest first
+            batch["top_probs"] = top_probs.cpu().numpy().astype(np.float32)
         return batch
 
 
-def predict(dataset, checkpoint, *, batch_size: int, num_actors: int, use_gpu: bool, cpus_per_actor: int):
-    """The dataset's rows with `image` replaced by `prediction` (class index) and `confidence`."""
+def predict(
+    dataset, checkpoint, *, batch_size: int, num_actors: int, use_gpu: bool, cpus_per_actor: float, top_k: int = 0
+):
+    """The dataset's rows with `image` replaced by `prediction` (class index) and `confidence` (and with
+    `top_k`, `top_classes` and `top_probs`). A fractional `cpus_per_actor` shares a CPU, one torch thread."""
     import ray.data
 
     return dataset.map_batches(
@@ -47,7 +54,8 @@ def predict(dataset, checkpoint, *, batch_size: int, num_actors: int, use_gpu: b
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
             "use_gpu": use_gpu,
-            "num_threads": cpus_per_actor,
+            "num_threads": int(cpus_per_actor) or None,
+            "top_k": top_k,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -248,6 +248,22 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
     result.checkpoint.to_directory(str(staging / "checkpoint"))
     report.write_predictions(staging / "predictions.parquet", rows)
     history = _history(result)
+    provenance = report.provenance()
+    report.write_run_report(
+        staging,
+        scores,
+        data.CLASSES,
+        history,
+        _confident_mistakes(rows, dataset.test),
+        {
+            "run": cfg.run_name,
+            "epochs": cfg.epochs,
+            "workers": f"{cfg.num_workers} x {cfg.cpus_per_worker} CPU" + (" + 1 GPU" if cfg.use_gpu else ""),
+            "data": dataset.source,
+            "finished": datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "commit": provenance["git_commit"] or "unknown",
+        },
+    )
     lap("write_s", t)
     timings["total_s"] = round(time.perf_counter() - started, 3)
     report.write_metrics(
@@ -259,7 +275,7 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
             "data_source": dataset.source,
             "history": history,
             "timings": timings,
-            "provenance": report.provenance(),
+            "provenance": provenance,
         },
     )
     staging.rename(output)
@@ -276,6 +292,18 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
         history=history,
         timings=timings,
     )
+
+
+def _confident_mistakes(rows: pd.DataFrame, test: data.Split, count: int = 24) -> dict:
+    wrong = rows[rows["prediction"] != rows["label"]].sort_values("confidence", ascending=False).head(count)
+    ids = wrong["id"].to_numpy()
+    return {
+        "images": test.images[ids],
+        "id": ids,
+        "label": wrong["label"].to_numpy(),
+        "prediction": wrong["prediction"].to_numpy(),
+        "confidence": wrong["confidence"].to_numpy(),
+    }
 
 
 def _history(result) -> list[dict]:

@@ -1,4 +1,5 @@
-"""What a run leaves behind: the terminal table, metrics.json, predictions.parquet, and their provenance."""
+"""What a run leaves behind: the terminal table, metrics.json, predictions.parquet, their provenance, and
+the run report (figures and report.html)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from clf.metrics import Metrics
@@ -27,9 +29,11 @@ def table(metrics: Metrics, classes) -> str:
 def history_table(history: list[dict]) -> str:
     """One line per epoch, printed by the driver once training ends (the workers' live lines reach a
     job's log only as far as Ray forwards worker output)."""
-    lines = ["epoch  loss    train accuracy  images/s"]
+    lines = ["epoch  loss    train accuracy  images/s  elapsed s"]
     for h in history:
-        lines.append(f"{h['epoch']:>5}  {h['loss']:.4f}  {h['accuracy']:14.4f}  {h['images_per_s']:8,.0f}")
+        lines.append(
+            f"{h['epoch']:>5}  {h['loss']:.4f}  {h['accuracy']:14.4f}  {h['images_per_s']:8,.0f}  {h['elapsed_s']:9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -82,3 +86,140 @@ def write_metrics(path: Path, metrics: Metrics, classes, extra: dict) -> None:
 
 def write_predictions(path: Path, predictions: pd.DataFrame) -> None:
     predictions[["id", "label", "prediction", "confidence"]].to_parquet(path, index=False)
+
+
+# --- The run report: PNG figures and report.html, for people who will not read JSON ---------------------
+
+REPORT_FILES = {
+    "confusion": "confusion_matrix.png",
+    "per_class": "per_class.png",
+    "history": "history.png",
+    "mistakes": "mistakes.png",
+}
+
+
+def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict], mistakes: dict, facts: dict) -> None:
+    """Figures and `report.html` beside metrics.json. `mistakes`: the most confident wrong predictions,
+    as arrays `images` (N, 28, 28) uint8, `label`, `prediction`, `confidence`, `id`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    classes = list(classes)
+    with plt.rc_context({"figure.dpi": 100, "font.size": 9}):
+        _confusion_figure(plt, metrics, classes).savefig(folder / REPORT_FILES["confusion"], bbox_inches="tight")
+        _per_class_figure(plt, metrics, classes).savefig(folder / REPORT_FILES["per_class"], bbox_inches="tight")
+        _history_figure(plt, history).savefig(folder / REPORT_FILES["history"], bbox_inches="tight")
+        _mistakes_figure(plt, mistakes, classes).savefig(folder / REPORT_FILES["mistakes"], bbox_inches="tight")
+        plt.close("all")
+    (folder / "report.html").write_text(_html(metrics, classes, history, facts))
+
+
+def _confusion_figure(plt, metrics: Metrics, classes):
+    matrix = np.asarray(metrics.confusion)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix ({metrics.count:,} test images)")
+    threshold = matrix.max() / 2
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{matrix[i, j]}", ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > threshold else "black")
+    return fig
+
+
+def _per_class_figure(plt, metrics: Metrics, classes):
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, metrics.precision, width=0.4, label="precision")
+    ax.bar(x + 0.2, metrics.recall, width=0.4, label="recall")
+    ax.set_xticks(x, classes, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title("Precision and recall per class")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _history_figure(plt, history: list[dict]):
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8, 3))
+    epochs = [h["epoch"] for h in history]
+    loss_ax.plot(epochs, [h["loss"] for h in history], marker="o")
+    loss_ax.set_title("training loss")
+    acc_ax.plot(epochs, [h["accuracy"] for h in history], marker="o")
+    acc_ax.set_title("training accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+    return fig
+
+
+def _mistakes_figure(plt, mistakes: dict, classes, columns: int = 8):
+    count = len(mistakes["label"])
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, prediction, confidence in zip(
+        axes.flat, mistakes["images"], mistakes["label"], mistakes["prediction"], mistakes["confidence"]
+    ):
+        ax.imshow(image, cmap="gray_r")  # dark on light, as a catalog shows it
+        ax.set_title(f"{classes[label]}\n→ {classes[prediction]} {confidence:.0%}", fontsize=7)
+    fig.suptitle("Most confident mistakes (true → predicted, confidence)")
+    return fig
+
+
+def _html(metrics: Metrics, classes, history: list[dict], facts: dict) -> str:
+    from html import escape
+
+    class_rows = "\n".join(
+        f"<tr><td>{escape(c)}</td><td>{p:.4f}</td><td>{r:.4f}</td></tr>"
+        for c, p, r in zip(classes, metrics.precision, metrics.recall)
+    )
+    epoch_rows = "\n".join(
+        f"<tr><td>{h['epoch']}</td><td>{h['loss']:.4f}</td><td>{h['accuracy']:.4f}</td>"
+        f"<td>{h.get('images_per_s', 0):,.0f}</td></tr>"
+        for h in history
+    )
+    fact_rows = "\n".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts.items())
+    figure = lambda key, alt: f'<figure><img src="{REPORT_FILES[key]}" alt="{alt}"></figure>'  # noqa: E731
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>clf run report: accuracy {metrics.accuracy:.2%}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+<h1>Test accuracy {metrics.accuracy:.2%} over {metrics.count:,} images</h1>
+<table>
+{fact_rows}
+</table>
+<h2>Per class</h2>
+<table>
+<tr><th>class</th><th>precision</th><th>recall</th></tr>
+{class_rows}
+</table>
+{figure("per_class", "precision and recall per class")}
+<h2>Confusion matrix</h2>
+{figure("confusion", "confusion matrix: true class by row, predicted class by column")}
+<h2>Training</h2>
+<table>
+<tr><th>epoch</th><th>loss</th><th>train accuracy</th><th>images/s</th></tr>
+{epoch_rows}
+</table>
+{figure("history", "training loss and accuracy per epoch")}
+<h2>Most confident mistakes</h2>
+{figure("mistakes", "the test images the model got wrong with the highest confidence")}
+</body>
+</html>
+"""

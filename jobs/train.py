@@ -14,37 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from clf.config import ClfError, ConfigError, TrainConfig  # noqa: E402
+from clf.cli import non_negative_int, positive_float, positive_int, run_job  # noqa: E402
+from clf.config import ConfigError, TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig()
-
-
-def whole_number(minimum: int):
-    """An argparse type: a whole number of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = whole_number(1), whole_number(0)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -93,19 +66,10 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     from clf.job import run
 
-    try:
-        result = run(cfg)
-    except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except ClfError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("train.py: interrupted; no outputs were written", file=sys.stderr)
-        return 130
-    print(f"outputs in {result.output}")
-    return 0
+    code, result = run_job("train.py", lambda: run(cfg))
+    if result is not None:
+        print(f"outputs in {result.output}")
+    return code
 
 
 if __name__ == "__main__":

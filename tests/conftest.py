@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,3 +91,51 @@ def make_dataset_dir(folder: Path, n_train: int = 64, n_test: int = 32, seed: in
         write_idx(folder / images_name, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=gz)
         write_idx(folder / labels_name, rng.integers(0, 10, n, dtype=np.uint8), gz=gz)
     return folder
+
+
+RUN = """
+import json, sys
+from clf.config import TrainConfig
+from clf.job import run
+r = run(TrainConfig(epochs=1, output=sys.argv[1], storage_path=sys.argv[2]))
+print("RESULT " + json.dumps({"predictions": r.predictions, "accuracy": r.accuracy, "precision": r.precision,
+                              "recall": r.recall, "classes": r.classes, "output": str(r.output)}))
+"""
+
+
+@pytest.fixture(scope="session")
+def one_epoch(tmp_path_factory):
+    """`run()` for one epoch on the real data in a fresh process, as a user's script would call it, with
+    its embedded Ray; meanwhile, every TCP port that the process and its descendants listen on is
+    recorded. Shared by the job's tests and the tagging tests (which tag with its checkpoint)."""
+    out = tmp_path_factory.mktemp("runs") / "one-epoch"
+    env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}  # the job must see to it itself
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN, str(out), str(out.parent / "ray")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    listening = set()
+    while proc.poll() is None:
+        listening |= listening_addresses(proc.pid)
+        time.sleep(1)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result["output"] = Path(result["output"])
+    return SimpleNamespace(**result, listening=listening, log=stdout + stderr)
+
+
+def listening_addresses(pid: int) -> set[tuple[str, str]]:
+    """(process name, local address) of every listening TCP socket of `pid` and its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for p in procs:
+        try:
+            found |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

@@ -1,71 +1,21 @@
 """The whole job on the real data, checked against an independent recomputation."""
 
 import json
-import os
 import subprocess
 import sys
-import time
-from pathlib import Path
-from types import SimpleNamespace
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
+from PIL import Image
 
 from clf import data
 from clf.config import TrainConfig
-from clf.job import LOOPBACK_ENV, evaluate
+from clf.job import evaluate
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
-
-
-RUN = """
-import json, sys
-from clf.config import TrainConfig
-from clf.job import run
-r = run(TrainConfig(epochs=1, output=sys.argv[1], storage_path=sys.argv[2]))
-print("RESULT " + json.dumps({"predictions": r.predictions, "accuracy": r.accuracy, "precision": r.precision,
-                              "recall": r.recall, "classes": r.classes, "output": str(r.output)}))
-"""
-
-
-@pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory):
-    """`run()` for one epoch in a fresh process, as a user's script would call it, with its embedded Ray;
-    meanwhile, every TCP port that the process and its descendants listen on is recorded."""
-    out = tmp_path_factory.mktemp("runs") / "one-epoch"
-    env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}  # the job must see to it itself
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUN, str(out), str(out.parent / "ray")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    listening = set()
-    while proc.poll() is None:
-        listening |= listening_addresses(proc.pid)
-        time.sleep(1)
-    stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
-    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
-    result["output"] = Path(result["output"])
-    return SimpleNamespace(**result, listening=listening, log=stdout + stderr)
-
-
-def listening_addresses(pid: int) -> set[tuple[str, str]]:
-    """(process name, local address) of every listening TCP socket of `pid` and its descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return set()
-    found = set()
-    for p in procs:
-        try:
-            found |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def test_embedded_ray_listens_on_loopback_only(one_epoch):
@@ -79,7 +29,7 @@ def test_embedded_ray_listens_on_loopback_only(one_epoch):
 
 
 def test_prints_epochs_and_the_table(one_epoch):
-    assert "epoch  loss    train accuracy  images/s\n    1  " in one_epoch.log
+    assert "epoch  loss    train accuracy  images/s  elapsed s\n    1  " in one_epoch.log
     assert "Ankle boot" in one_epoch.log and "accuracy 0." in one_epoch.log
 
 
@@ -118,7 +68,10 @@ def test_metrics_json_equals_a_recomputation_from_predictions(one_epoch, real_da
 
 
 def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):
-    assert sorted(p.name for p in one_epoch.output.iterdir()) == ["checkpoint", "metrics.json", "predictions.parquet"]
+    assert sorted(p.name for p in one_epoch.output.iterdir()) == [
+        "checkpoint", "confusion_matrix.png", "history.png", "metrics.json", "mistakes.png", "per_class.png",
+        "predictions.parquet", "report.html",
+    ]
     assert not [p for p in one_epoch.output.parent.iterdir() if ".partial-" in p.name]
 
 
@@ -143,3 +96,31 @@ def test_shuffled_inference_gives_the_same_predictions(ray_local, one_epoch, rea
     cfg = TrainConfig(num_infer_actors=1, cpus_per_worker=1)
     rows = evaluate(str(one_epoch.output / "checkpoint"), real_data.test, cfg, shuffle=True)
     assert rows["prediction"].tolist() == one_epoch.predictions
+
+
+class References(HTMLParser):
+    """Every src and href in a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def handle_starttag(self, tag, attrs):
+        self.found += [(tag, value) for name, value in attrs if name in ("src", "href") and value]
+
+
+def test_report_html_shows_local_figures_and_the_metrics(one_epoch):
+    html = (one_epoch.output / "report.html").read_text()
+    parser = References()
+    parser.feed(html)
+    images = [value for tag, value in parser.found if tag == "img"]
+    assert len(images) == 4  # confusion matrix, per-class bars, history, mistakes
+    for tag, ref in parser.found:
+        assert "://" not in ref and not ref.startswith("/"), f"{ref}: the report must work offline and moved"
+        path = one_epoch.output / ref
+        assert path.is_file(), f"report.html references {ref}, which is not there"
+        with Image.open(path) as image:
+            image.verify()  # a real PNG, not an empty file
+    assert f"{one_epoch.accuracy:.2%}" in html
+    for name in data.CLASSES:
+        assert name in html

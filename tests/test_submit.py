@@ -6,6 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
+from catalog import write_broken, write_catalog
 from conftest import ROOT
 from ray_cluster import LocalCluster
 
@@ -22,13 +23,18 @@ def cluster():
     assert c.processes() == []
 
 
-def test_job_submit_trains_and_writes_outputs_where_asked(cluster, tmp_path):
-    out = tmp_path / "submitted"
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("submit") / "submitted"
     proc = cluster.submit("python", "jobs/train.py", "--epochs", "1", "--output", str(out), working_dir=ROOT)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    return out, proc.returncode, proc.stdout + proc.stderr
+
+
+def test_job_submit_trains_and_writes_outputs_where_asked(cluster, submitted):
+    out, returncode, log = submitted
+    assert returncode == 0, log[-3000:]
     assert "succeeded" in log
-    assert "epoch  loss    train accuracy  images/s\n    1  " in log
+    assert "epoch  loss    train accuracy  images/s  elapsed s\n    1  " in log
     assert "accuracy 0." in log and f"outputs in {out}" in log
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -44,6 +50,23 @@ def test_job_submit_trains_and_writes_outputs_where_asked(cluster, tmp_path):
         names = {p.name for p in upload.iterdir()}
         assert {"clf", "jobs"} <= names
         assert not names & {".venv", "runs", "data", ".git"}
+
+
+def test_job_submit_tags_photos_with_the_submitted_model(cluster, submitted, real_data, tmp_path):
+    out, returncode, _ = submitted
+    assert returncode == 0
+    write_catalog(tmp_path / "photos", real_data.test.images[:40])
+    write_broken(tmp_path / "photos")
+    tags = tmp_path / "tags"
+    proc = cluster.submit(
+        "python", "jobs/tag.py", "--checkpoint", str(out / "checkpoint"), "--input", str(tmp_path / "photos"),
+        "--output", str(tags), working_dir=ROOT,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "tagged 40 of 43 files" in log and "failed: 3" in log
+    rows = pd.read_parquet(tags / "tags.parquet")
+    assert len(rows) == 43 and (rows["error"] != "").sum() == 3
 
 
 def test_job_submit_without_the_token_is_refused(cluster):

@@ -1,0 +1,245 @@
+"""Tag a catalog: photo files in, one row per file out, with the same predictor as test-set evaluation.
+
+Pipeline (Ray Data): the list of files -> tasks that read and decode each photo into the model's 28x28
+domain (`clf.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor`
+over an actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
+whole dataset on one unreadable file and drop nothing silently only by failing; here every file gets its
+row, a bad one with the reason. The driver collects the rows (no images: a few short columns), checks
+that each input has exactly one, and writes them with Ray Data's writer into a staging folder that is
+renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clf import checkpoint as ckpt
+from clf import photos
+from clf.config import ClfError, ConfigError, TagConfig
+from clf.data import IMAGE_SIZE
+
+TOP_K = 3
+COLUMNS = [
+    "path", "tag", "class_id", "confidence",
+    *(f"top{k}{part}" for k in range(1, TOP_K + 1) for part in ("", "_prob")),
+    "needs_review", "error",
+]
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class TagResult:
+    rows: pd.DataFrame  # COLUMNS, one row per input file, in input order
+    output: Path
+    seconds: float  # reading, decoding and tagging, actor start-up included
+
+    @property
+    def failed(self) -> int:
+        return int((self.rows["error"] != "").sum())
+
+    @property
+    def tagged(self) -> int:
+        return len(self.rows) - self.failed
+
+
+def list_inputs(source: str) -> list[str]:
+    """Absolute paths of the files to tag: every file in a folder and below (hidden ones aside), or the
+    `path` column of a .parquet or .csv listing (relative to the listing's folder)."""
+    path = Path(source)
+    if path.is_dir():
+        files = [
+            str(p.resolve())
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+        if not files:
+            raise ConfigError(f"--input {source} holds no files")
+        return files
+    if not path.exists():
+        raise ConfigError(f"--input {source} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            listing = pd.read_parquet(path)
+        elif suffix == ".csv":
+            listing = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            raise ConfigError(f"--input {source} is neither a folder nor a .parquet or .csv listing")
+    except (ValueError, OSError) as e:  # pandas' and pyarrow's errors for an unreadable listing
+        raise ConfigError(f"--input {source} cannot be read as a listing ({_first_line(e)})") from None
+    if "path" in listing.columns:
+        column = listing["path"]
+    elif len(listing.columns) == 1:
+        column = listing.iloc[:, 0]
+    else:
+        raise ConfigError(f"--input {source} has no `path` column (columns: {', '.join(map(str, listing.columns))})")
+    if column.empty:
+        raise ConfigError(f"--input {source} lists no files")
+    base = path.resolve().parent
+    # An empty entry stays empty: its row says so rather than pointing at the listing's folder.
+    return [str(base / p) if p and not os.path.isabs(p) else str(p) for p in column.fillna("").astype(str)]
+
+
+def read_and_prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: each row's file read and brought into the model's domain, or why it could not be."""
+    paths = batch["path"]
+    images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            if not path:
+                raise photos.PhotoError("empty path")
+            with open(path, "rb") as f:
+                data = f.read()
+            images[i] = photos.load(data)
+        except photos.PhotoError as e:
+            errors[i] = str(e)
+        except FileNotFoundError:
+            errors[i] = "file not found"
+        except IsADirectoryError:
+            errors[i] = "a folder, not a file"
+        except PermissionError:
+            errors[i] = "permission denied"
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the job; its row says why
+            errors[i] = f"could not read or decode ({type(e).__name__}: {_first_line(e)})"
+    return {"index": batch["index"], "path": paths, "image": images, "error": errors}
+
+
+def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) -> pd.DataFrame:
+    """The predictor's output as tag rows; a row with an error gets no tag."""
+    ok = (batch["error"] == "").to_numpy()
+    top_classes = np.stack(batch["top_classes"].to_numpy())
+    top_probs = np.stack(batch["top_probs"].to_numpy())
+    names = np.asarray(classes, dtype=object)
+
+    def tag_or_none(ids):
+        return pd.array(np.where(ok, names[ids], None), dtype="string")
+
+    def value_or_na(values, dtype):
+        return pd.array(np.where(ok, values, None), dtype=dtype)
+
+    rows = {"index": batch["index"], "path": batch["path"]}
+    rows["tag"] = tag_or_none(top_classes[:, 0])
+    rows["class_id"] = value_or_na(top_classes[:, 0], "Int64")
+    rows["confidence"] = value_or_na(top_probs[:, 0], "Float64")
+    for k in range(TOP_K):
+        rows[f"top{k + 1}"] = tag_or_none(top_classes[:, k])
+        rows[f"top{k + 1}_prob"] = value_or_na(top_probs[:, k], "Float64")
+    rows["needs_review"] = ok & (top_probs[:, 0] < review_threshold)
+    rows["error"] = batch["error"].astype(str)
+    return pd.DataFrame(rows)
+
+
+def actors_and_cpus(cfg: TagConfig) -> tuple[int, float]:
+    """Predictor actors and the CPUs each reserves; decoding tasks need CPUs the actors leave free."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if cfg.use_gpu:
+        if gpus < 1:
+            raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
+        return cfg.num_actors or gpus, 0
+    if cpus < 2:  # one CPU: an actor holding it whole would starve the decoding tasks for ever
+        return 1, 0.5
+    return cfg.num_actors or cpus - 1, 1
+
+
+def run(cfg: TagConfig) -> TagResult:
+    from clf.job import connect_ray, prepare_output
+
+    classes = ckpt.read_model_config(cfg.checkpoint)["classes"]
+    ckpt.load_model(cfg.checkpoint)  # fail now, in one line, on a checkpoint the actors could not load
+    paths = list_inputs(cfg.input)
+    output = Path(cfg.output)
+    staging = prepare_output(output)
+    try:
+        connect_ray()
+        result = _tag(cfg, paths, classes, staging)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TagResult(rows=result[0], output=output, seconds=result[1])
+
+
+def _tag(cfg: TagConfig, paths: list[str], classes: list[str], staging: Path) -> tuple[pd.DataFrame, float]:
+    import ray.data
+
+    from clf.infer import predict
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    num_actors, cpus_per_actor = actors_and_cpus(cfg)
+    print(f"tagging {len(paths):,} files from {cfg.input} with {num_actors} predictor actor(s)", flush=True)
+    started = time.perf_counter()
+    listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
+    blocks = max(1, min(len(paths), -(-len(paths) // cfg.batch_size)))
+    prepared = ray.data.from_pandas(listing).repartition(blocks).map_batches(
+        read_and_prepare, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus_per_actor or 1
+    )
+    tagged = predict(
+        prepared,
+        os.path.abspath(cfg.checkpoint),
+        batch_size=cfg.batch_size,
+        num_actors=num_actors,
+        use_gpu=cfg.use_gpu,
+        cpus_per_actor=cpus_per_actor,
+        top_k=TOP_K,
+    ).map_batches(
+        to_rows, fn_kwargs={"classes": classes, "review_threshold": cfg.review_threshold}, batch_format="pandas"
+    )
+
+    parts, done, last_report = [], 0, time.perf_counter()
+    for part in tagged.iter_batches(batch_size=None, batch_format="pandas"):
+        parts.append(part)
+        done += len(part)
+        if time.perf_counter() - last_report > PROGRESS_EVERY_S:
+            last_report = time.perf_counter()
+            print(f"  {done:,} of {len(paths):,} files ({done / (last_report - started):,.0f} files/s)", flush=True)
+    seconds = time.perf_counter() - started
+    rows = pd.concat(parts, ignore_index=True).sort_values("index", ignore_index=True)
+    # Every input exactly once: never a result that looks complete and is not.
+    if len(rows) != len(paths) or not np.array_equal(rows["index"].to_numpy(), np.arange(len(paths))):
+        raise ClfError(f"tagging returned {len(rows)} rows for {len(paths)} files")
+    rows = rows[COLUMNS]
+
+    written = ray.data.from_pandas(rows)
+    if cfg.format == "csv":
+        written.write_csv(str(staging / "tags.csv"))
+    else:
+        written.write_parquet(str(staging / "tags.parquet"))
+    return rows, seconds
+
+
+def summary(result: TagResult, review_threshold: float) -> str:
+    rows = result.rows
+    lines = [
+        f"tagged {result.tagged:,} of {len(rows):,} files in {result.seconds:.1f} s "
+        f"({len(rows) / result.seconds:,.0f} files/s)"
+    ]
+    counts = rows.loc[rows["error"] == "", "tag"].value_counts()
+    if len(counts):
+        width = max(len("tag"), *(len(t) for t in counts.index))
+        lines.append(f"{'tag':<{width}}  count")
+        lines += [f"{tag:<{width}}  {n:5,}" for tag, n in counts.items()]
+    lines.append(f"needs review (confidence below {review_threshold:.2f}): {int(rows['needs_review'].sum()):,}")
+    reasons = collections.Counter(e.split(" (")[0] for e in rows["error"] if e)
+    failed = f"failed: {result.failed:,}"
+    if reasons:
+        failed += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")"
+    lines.append(failed)
+    return "\n".join(lines)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,72 @@
+"""Catalog-like photos rendered from Fashion-MNIST images, and broken files, for the tagging tests.
+
+A catalog photo is the reverse of how Fashion-MNIST was made: a dark item on a light, slightly tinted
+background, many times larger, with margins, in colour, saved as JPEG, PNG or WebP; some are grayscale,
+some RGBA cut-outs on a transparent background.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FORMATS = ("jpg", "png", "webp", "png-rgba", "png-gray")
+
+
+def render(image: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A photo of the (28, 28) light-on-dark `image`, and the file kind to save it as."""
+    scale = int(rng.integers(6, 14))  # 168-364 px across the item
+    side = 28 * scale
+    ink = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    kind = FORMATS[int(rng.integers(len(FORMATS)))]
+    tint = rng.uniform(232, 252, size=3) if kind != "png-rgba" else np.full(3, 255.0)
+    item_colour = rng.uniform(0, 40, size=3)  # near black, a little coloured
+    rgb = tint * (1 - ink[..., None]) + item_colour * ink[..., None]
+    # Margins of their own on each side, so the canvas is not square and the item is off centre.
+    top, bottom, left, right = (int(m) for m in rng.integers(side // 10, side // 3, size=4))
+    canvas = np.empty((side + top + bottom, side + left + right, 3), dtype=np.float32)
+    canvas[:] = tint
+    canvas[top : top + side, left : left + side] = rgb
+    canvas += rng.normal(0, 1.5, canvas.shape)  # sensor noise
+    photo = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    if kind == "png-rgba":
+        alpha = np.zeros(canvas.shape[:2], dtype=np.uint8)
+        alpha[top : top + side, left : left + side] = np.where(ink > 0.02, 255, 0)
+        photo.putalpha(Image.fromarray(alpha))
+    elif kind == "png-gray":
+        photo = photo.convert("L")
+    return photo, kind
+
+
+def save(photo: Image.Image, kind: str, stem: Path) -> Path:
+    suffix = {"jpg": ".jpg", "webp": ".webp"}.get(kind, ".png")
+    path = stem.with_suffix(suffix)
+    if kind == "jpg":
+        photo.save(path, quality=90)
+    elif kind == "webp":
+        photo.save(path, quality=90)
+    else:
+        photo.save(path)
+    return path
+
+
+def write_catalog(folder: Path, images: np.ndarray, seed: int = 0) -> list[Path]:
+    """One photo per image, named by its index (photo-00042.jpg); returns the paths in image order."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [save(*render(image, rng), folder / f"photo-{i:05d}") for i, image in enumerate(images)]
+
+
+def write_broken(folder: Path) -> dict[str, str]:
+    """Files that cannot be tagged, each with a word its error must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not a picture\n")
+    whole = folder / "whole.jpg"
+    Image.fromarray(np.full((200, 150, 3), 240, dtype=np.uint8)).save(whole, quality=90)
+    data = whole.read_bytes()
+    whole.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return {"empty.jpg": "empty", "notes.png": "not an image", "truncated.jpg": "truncated"}
