@@ -212,22 +212,22 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
     connect_ray()  # before anything imports ray: see LOOPBACK_ENV
     import ray.data
 
-    from clf.train import check_resumable, fit, previous_run, storage_uri
+    from clf.train import check_resumable, fit, previous_run, run_folder
 
     # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     cfg = resolve_training(cfg)
     t = lap("ray_start_s", t)
-    earlier = previous_run(cfg, cfg.run_name)
+    earlier = previous_run(cfg)
     if earlier is not None:
-        check_resumable(earlier, cfg, cfg.run_name)
+        check_resumable(earlier, cfg)
         if earlier["epoch"] >= cfg.epochs:
-            print(f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): tagging with its final model", flush=True)
+            print(f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): evaluating its final model", flush=True)
         else:
             print(f"run {cfg.run_name} has a checkpoint after epoch {earlier['epoch']}: resuming from it", flush=True)
     else:
         print(
-            f"run {cfg.run_name}: checkpoints in {storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name} "
+            f"run {cfg.run_name}: checkpoints in {run_folder(cfg)} "
             f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)",
             flush=True,
         )

@@ -73,7 +73,8 @@ def to_model_image(image: Image.Image) -> np.ndarray:
     background = float(np.median(border))
     if background < 96:
         raise PhotoError("dark background (the model knows items on light backgrounds only)")
-    threshold = max(TRIM_THRESHOLD, NOISE_WIDTHS * float(np.std(border[np.abs(border - background) < TRIM_THRESHOLD])))
+    calm = border[np.abs(border - background) < TRIM_THRESHOLD]  # the border's background pixels
+    threshold = max(TRIM_THRESHOLD, NOISE_WIDTHS * float(np.std(calm)) if calm.size else 0.0)
     # A 3x3 median first, so a stray noisy pixel does not widen the item's box.
     darker = np.clip(background - gray, 0, 255).astype(np.uint8)
     smoothed = np.asarray(Image.fromarray(darker).filter(ImageFilter.MedianFilter(3)), dtype=np.float32)

@@ -164,12 +164,12 @@ def run(cfg: TagConfig) -> TagResult:
     staging = prepare_output(output)
     try:
         connect_ray()
-        result = _tag(cfg, paths, classes, staging)
+        rows, seconds = _tag(cfg, paths, classes, staging)
         staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return TagResult(rows=result[0], output=output, seconds=result[1])
+    return TagResult(rows=rows, output=output, seconds=seconds)
 
 
 def _tag(cfg: TagConfig, paths: list[str], classes: list[str], staging: Path) -> tuple[pd.DataFrame, float]:

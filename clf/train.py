@@ -150,13 +150,17 @@ def storage_uri(storage_path: str | None) -> str:
     return os.path.abspath(os.path.expanduser(storage_path))
 
 
-def previous_run(cfg: TrainConfig, run_name: str) -> dict | None:
+def run_folder(cfg: TrainConfig) -> str:
+    return f"{storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
+
+
+def previous_run(cfg: TrainConfig) -> dict | None:
     """The train state of the latest checkpoint of an earlier run of this name in the storage, if any:
     `fit` with the same name and storage resumes from it."""
     from ray.train import Result
 
     try:
-        earlier = Result.from_path(f"{storage_uri(cfg.storage_path).rstrip('/')}/{run_name}")
+        earlier = Result.from_path(run_folder(cfg))
     except RuntimeError:  # no such run folder, or no checkpoint registered in it
         return None
     if earlier.checkpoint is None:
@@ -165,13 +169,13 @@ def previous_run(cfg: TrainConfig, run_name: str) -> dict | None:
         return ckpt.load_train_state(folder)
 
 
-def check_resumable(state: dict, cfg: TrainConfig, run_name: str) -> None:
+def check_resumable(state: dict, cfg: TrainConfig) -> None:
     """Refuse to continue a run with settings other than those it was started with."""
     before, now = state.get("settings", {}), run_settings(cfg)
     changed = [f"{name} {before.get(name)!r} -> {now[name]!r}" for name in now if before.get(name) != now[name]]
     if changed:
         raise ConfigError(
-            f"run {run_name!r} in {storage_uri(cfg.storage_path)} was started with other settings "
+            f"run {cfg.run_name!r} in {storage_uri(cfg.storage_path)} was started with other settings "
             f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
         )
 
@@ -230,8 +234,9 @@ def fit(cfg: TrainConfig, train: Split):
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     num_workers = cfg.num_workers
     if cfg.min_workers is not None and cfg.min_workers < cfg.num_workers:
-        # Elastic: start with what can be placed, down to min_workers; after a lost node, go on with
-        # the workers that still fit rather than wait for a replacement.
+        # Elastic: start with what can be placed, down to min_workers; after a lost node, wait for a
+        # replacement only as long as RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), then go on with
+        # the workers that fit.
         num_workers = (cfg.min_workers, cfg.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -91,19 +91,34 @@ def test_listings_resolve_relative_paths_against_their_folder(tmp_path):
     assert list_inputs(str(tmp_path / "list.parquet")) == [str(tmp_path / "z.webp")]
 
 
+def bad_input(folder, kind: str):
+    if kind == "missing":
+        return folder / "missing"
+    if kind == "empty folder":
+        return folder
+    if kind == "text listing":
+        (folder / "list.txt").write_text("a.jpg\n")
+        return folder / "list.txt"
+    if kind == "no path column":
+        pd.DataFrame({"a": ["1"], "b": ["2"]}).to_csv(folder / "list.csv", index=False)
+        return folder / "list.csv"
+    (folder / "list.parquet").write_text("not parquet")  # "corrupt listing"
+    return folder / "list.parquet"
+
+
 @pytest.mark.parametrize(
-    "make, complaint",
+    "kind, complaint",
     [
-        (lambda d: d / "missing", "does not exist"),
-        (lambda d: d, "holds no files"),
-        (lambda d: (d / "list.txt").write_text("a.jpg\n") and d / "list.txt", "neither a folder nor"),
-        (lambda d: pd.DataFrame({"a": ["1"], "b": ["2"]}).to_csv(d / "l.csv", index=False) or d / "l.csv", "no `path` column"),
-        (lambda d: (d / "bad.parquet").write_text("not parquet") and d / "bad.parquet", "cannot be read"),
+        ("missing", "does not exist"),
+        ("empty folder", "holds no files"),
+        ("text listing", "neither a folder nor"),
+        ("no path column", "no `path` column"),
+        ("corrupt listing", "cannot be read"),
     ],
 )
-def test_bad_inputs_are_config_errors(tmp_path, make, complaint):
+def test_bad_inputs_are_config_errors(tmp_path, kind, complaint):
     with pytest.raises(ConfigError, match=complaint):
-        list_inputs(str(make(tmp_path)))
+        list_inputs(str(bad_input(tmp_path, kind)))
 
 
 def test_tag_config_checks_its_values():
