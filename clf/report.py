@@ -186,7 +186,10 @@ def _html(metrics: Metrics, classes, history: list[dict], facts: dict) -> str:
         for h in history
     )
     fact_rows = "\n".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts.items())
-    figure = lambda key, alt: f'<figure><img src="{REPORT_FILES[key]}" alt="{alt}"></figure>'  # noqa: E731
+
+    def figure(key: str, alt: str) -> str:
+        return f'<figure><img src="{REPORT_FILES[key]}" alt="{escape(alt)}"></figure>'
+
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

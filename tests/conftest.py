@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import numpy as np
@@ -54,6 +55,18 @@ def real_subset(real: data.FashionMNIST, n: int, seed: int) -> data.Split:
     """`n` training images of the real data, drawn at random with `seed`."""
     keep = np.random.default_rng(seed).permutation(len(real.train.labels))[:n]
     return data.Split(images=real.train.images[keep], labels=real.train.labels[keep])
+
+
+def html_references(html: str) -> list[tuple[str, str]]:
+    """(tag, value) of every src and href in an HTML page."""
+
+    class References(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.extend((tag, value) for name, value in attrs if name in ("src", "href") and value)
+
+    found: list[tuple[str, str]] = []
+    References().feed(html)
+    return found
 
 
 def real_dataset_dir(real: data.FashionMNIST, folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:

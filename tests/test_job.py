@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,7 @@ from PIL import Image
 from clf import data
 from clf.config import TrainConfig
 from clf.job import evaluate
-from conftest import ROOT
+from conftest import ROOT, html_references
 
 pytestmark = pytest.mark.slow
 
@@ -98,24 +97,12 @@ def test_shuffled_inference_gives_the_same_predictions(ray_local, one_epoch, rea
     assert rows["prediction"].tolist() == one_epoch.predictions
 
 
-class References(HTMLParser):
-    """Every src and href in a page."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def handle_starttag(self, tag, attrs):
-        self.found += [(tag, value) for name, value in attrs if name in ("src", "href") and value]
-
-
 def test_report_html_shows_local_figures_and_the_metrics(one_epoch):
     html = (one_epoch.output / "report.html").read_text()
-    parser = References()
-    parser.feed(html)
-    images = [value for tag, value in parser.found if tag == "img"]
+    found = html_references(html)
+    images = [value for tag, value in found if tag == "img"]
     assert len(images) == 4  # confusion matrix, per-class bars, history, mistakes
-    for tag, ref in parser.found:
+    for _, ref in found:
         assert "://" not in ref and not ref.startswith("/"), f"{ref}: the report must work offline and moved"
         path = one_epoch.output / ref
         assert path.is_file(), f"report.html references {ref}, which is not there"
