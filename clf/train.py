@@ -219,6 +219,13 @@ def _report(metrics, model, optimizer, scheduler, worker: Worker, cfg: TrainConf
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+# After a failure a run of fixed size waits for all its workers to be placed again; each wait lasts
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) and counts as a controller failure. This many
+# (about ten minutes: time for an autoscaler to bring a replacement node) and the run fails with a clear
+# message instead of waiting for ever on a cluster that will not grow. Ray's default: no limit.
+PLACEMENT_WAITS = 10
+
+
 def fit(cfg: TrainConfig, train: Split):
     """Train with a TorchTrainer on the connected Ray cluster; the Result's checkpoint is the final model."""
     import ray
@@ -252,13 +259,20 @@ def fit(cfg: TrainConfig, train: Split):
             name=cfg.run_name,  # None: Ray picks a new name
             storage_path=storage_uri(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=PLACEMENT_WAITS),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
         ),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; show its last line, not a traceback
+        failure = getattr(e, "controller_failure", None)
+        if type(failure).__name__ == "WorkerGroupStartupTimeoutError":
+            raise ClfError(
+                f"training failed: after a failure, {failure.num_workers} workers could not be placed again "
+                f"in {PLACEMENT_WAITS + 1} tries (a node lost for good?); with --min-workers a run goes on "
+                "with the workers that fit"
+            ) from None
         raise ClfError(f"training failed: {_last_line(e)}") from None
     if result.checkpoint is None:
         raise ClfError("training finished without a checkpoint")

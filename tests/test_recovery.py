@@ -102,32 +102,56 @@ def test_a_killed_driver_started_again_resumes_its_run(data_dir, tmp_path):
     assert not (tmp_path / "third").exists()
 
 
-def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(data_dir, tmp_path):
+@pytest.fixture
+def two_nodes():
+    """A head and a worker node on loopback, one CPU each, each with its own --temp-dir; stopped after."""
     cluster = LocalCluster(num_cpus=1).start()
     try:
-        worker_node = cluster.add_worker_node(num_cpus=1)
-        storage = tmp_path / "storage"
-        log = tmp_path / "driver.log"
-        driver = start_driver(
-            ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64",
-             "--num-workers", "2", "--min-workers", "1", "--cpus-per-worker", "1",
-             "--storage-path", str(storage), "--run-name", "elastic", "--output", str(tmp_path / "out")],
-            log,
-            # After the loss an elastic run first waits this long for its full size (Ray's default: 60 s,
-            # time an autoscaler gets to bring a replacement), then goes on with the workers that fit.
-            env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"},
-        )
-        wait_for_checkpoint(storage / "elastic", driver, log)
-        on_worker_node = [p for p in cluster.processes([worker_node]) if p.name().startswith("ray::RayTrainWorker")]
-        assert on_worker_node, "no training worker ran on the worker node"
-        cluster.raylet(worker_node).send_signal(signal.SIGKILL)
-
-        out = finish(driver, log)
-        assert driver.returncode == 0, out[-3000:]
-        assert "training resumed from the checkpoint after epoch" in out
-        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-        history = metrics["history"]
-        assert history[-1]["epoch"] == 4 and history[-1]["workers"] == 1
-        assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
+        yield cluster, cluster.add_worker_node(num_cpus=1)
     finally:
         cluster.stop()
+
+
+def train_and_lose_the_worker_node(two_nodes, data_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Train with one worker on each node and SIGKILL the worker node's raylet once a checkpoint is
+    registered; returns the still running driver and its log."""
+    cluster, worker_node = two_nodes
+    storage = tmp_path / "storage"
+    log = tmp_path / "driver.log"
+    driver = start_driver(
+        ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64",
+         "--num-workers", "2", "--cpus-per-worker", "1", *extra,
+         "--storage-path", str(storage), "--run-name", "two-nodes", "--output", str(tmp_path / "out")],
+        log,
+        # After the loss a run first waits this long for all its workers (Ray's default: 60 s, time an
+        # autoscaler gets to bring a replacement).
+        env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"},
+    )
+    wait_for_checkpoint(storage / "two-nodes", driver, log)
+    on_worker_node = [p for p in cluster.processes([worker_node]) if p.name().startswith("ray::RayTrainWorker")]
+    assert on_worker_node, "no training worker ran on the worker node"
+    cluster.raylet(worker_node).send_signal(signal.SIGKILL)
+    return driver, log
+
+
+def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data_dir, tmp_path):
+    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, tmp_path, "--min-workers", "1")
+    out = finish(driver, log)
+    assert driver.returncode == 0, out[-3000:]
+    assert "training resumed from the checkpoint after epoch" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    history = metrics["history"]
+    assert history[-1]["epoch"] == 4 and history[-1]["workers"] == 1
+    assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
+
+
+def test_a_lost_node_fails_a_fixed_size_run_with_a_clear_message(two_nodes, data_dir, tmp_path):
+    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, tmp_path)
+    out = finish(driver, log)
+    assert driver.returncode == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("train.py: error:")]
+    assert errors == [
+        "train.py: error: training failed: after a failure, 2 workers could not be placed again in 11 tries "
+        "(a node lost for good?); with --min-workers a run goes on with the workers that fit"
+    ]
+    assert not (tmp_path / "out").exists()
