@@ -47,6 +47,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def parse_config(parser: argparse.ArgumentParser, config_class, argv=None):
+    """The config the parsed flags make; a value the config refuses is a usage error (exit 2)."""
+    args = parser.parse_args(argv)
+    try:
+        return config_class(**vars(args))
+    except ConfigError as e:
+        parser.error(str(e))
+
+
 def run_job(prog: str, job) -> tuple[int, object]:
     """Call `job()`; a ClfError becomes one line on stderr and an exit code (2 for a usage error, 1 for a
     failed run), Ctrl-C exit code 130. Returns (exit code, the job's result or None)."""

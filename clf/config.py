@@ -18,6 +18,12 @@ class ConfigError(ClfError):
     """A setting that cannot work (a usage error)."""
 
 
+def first_line(error: Exception) -> str:
+    """An exception's message cut to one line, for an error that must fit on one."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 2
@@ -171,9 +177,6 @@ class TagConfig:
             raise ConfigError(f"review_threshold must be between 0 and 1, got {self.review_threshold}")
         if self.format not in TAG_FORMATS:
             raise ConfigError(f"format must be one of {', '.join(TAG_FORMATS)}, got {self.format!r}")
-
-    def replace(self, **changes) -> TagConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> None:

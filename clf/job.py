@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from clf import data, metrics as metrics_lib, report
-from clf.config import ClfError, ConfigError, TrainConfig
+from clf.config import ClfError, ConfigError, TrainConfig, first_line
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def connect_ray():
             ray.init(**LOCAL_RAY)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise ClfError(f"could not start or join {where}: {_first_line(e)}") from None
+        raise ClfError(f"could not start or join {where}: {first_line(e)}") from None
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -103,12 +103,8 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ClfError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e.strerror or e})") from None
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _cluster_cpus_gpus() -> tuple[int, int]:
+def cluster_cpus_gpus() -> tuple[int, int]:
+    """Whole CPUs and GPUs of the connected Ray cluster."""
     import ray
 
     resources = ray.cluster_resources()
@@ -117,7 +113,7 @@ def _cluster_cpus_gpus() -> tuple[int, int]:
 
 def resolve_training(cfg: TrainConfig) -> TrainConfig:
     """Fill the training settings left to the cluster (workers, CPUs each) from its resources."""
-    cpus, gpus = _cluster_cpus_gpus()
+    cpus, gpus = cluster_cpus_gpus()
     if cfg.use_gpu:
         if gpus < 1:
             raise ConfigError(
@@ -148,7 +144,7 @@ def resolve_inference(cfg: TrainConfig) -> TrainConfig:
     """Fill the inference actor count from the cluster as it is now (after training: a node may be gone)."""
     if cfg.num_infer_actors:
         return cfg
-    cpus, gpus = _cluster_cpus_gpus()
+    cpus, gpus = cluster_cpus_gpus()
     if cfg.use_gpu:
         return cfg.replace(num_infer_actors=max(1, gpus))
     # One single-threaded actor per CPU: faster than fewer multi-threaded ones for a model this small.

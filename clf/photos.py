@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from clf.config import first_line
 from clf.data import IMAGE_SIZE
 
 # Fashion-MNIST trimmed "edges close to the colour of the corner pixels" at a 5% distance; photos with
@@ -48,12 +49,14 @@ def decode(data: bytes) -> Image.Image:
             if image.width * image.height > MAX_PIXELS:
                 raise PhotoError(f"image too large ({image.width}x{image.height} pixels)")
             image.load()
+    except PhotoError:
+        raise
     except UnidentifiedImageError:
         raise PhotoError("not an image (unknown format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PhotoError("image too large") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise PhotoError(f"truncated or corrupt image ({_first_line(e)})") from None
+        raise PhotoError(f"truncated or corrupt image ({first_line(e)})") from None
     return ImageOps.exif_transpose(image)  # as a camera's orientation tag says it is shown
 
 
@@ -97,8 +100,3 @@ def to_model_image(image: Image.Image) -> np.ndarray:
 def load(data: bytes) -> np.ndarray:
     """File bytes to the model's 28x28 image; PhotoError says why not."""
     return to_model_image(decode(data))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

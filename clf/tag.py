@@ -24,7 +24,7 @@ import pandas as pd
 
 from clf import checkpoint as ckpt
 from clf import photos
-from clf.config import ClfError, ConfigError, TagConfig
+from clf.config import ClfError, ConfigError, TagConfig, first_line
 from clf.data import IMAGE_SIZE
 
 TOP_K = 3
@@ -75,7 +75,7 @@ def list_inputs(source: str) -> list[str]:
         else:
             raise ConfigError(f"--input {source} is neither a folder nor a .parquet or .csv listing")
     except (ValueError, OSError) as e:  # pandas' and pyarrow's errors for an unreadable listing
-        raise ConfigError(f"--input {source} cannot be read as a listing ({_first_line(e)})") from None
+        raise ConfigError(f"--input {source} cannot be read as a listing ({first_line(e)})") from None
     if "path" in listing.columns:
         column = listing["path"]
     elif len(listing.columns) == 1:
@@ -110,7 +110,7 @@ def read_and_prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         except PermissionError:
             errors[i] = "permission denied"
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the job; its row says why
-            errors[i] = f"could not read or decode ({type(e).__name__}: {_first_line(e)})"
+            errors[i] = f"could not read or decode ({type(e).__name__}: {first_line(e)})"
     return {"index": batch["index"], "path": paths, "image": images, "error": errors}
 
 
@@ -128,12 +128,11 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
         return pd.array(np.where(ok, values, None), dtype=dtype)
 
     rows = {"index": batch["index"], "path": batch["path"]}
-    rows["tag"] = tag_or_none(top_classes[:, 0])
-    rows["class_id"] = value_or_na(top_classes[:, 0], "Int64")
-    rows["confidence"] = value_or_na(top_probs[:, 0], "Float64")
     for k in range(TOP_K):
         rows[f"top{k + 1}"] = tag_or_none(top_classes[:, k])
         rows[f"top{k + 1}_prob"] = value_or_na(top_probs[:, k], "Float64")
+    rows["tag"], rows["confidence"] = rows["top1"], rows["top1_prob"]
+    rows["class_id"] = value_or_na(top_classes[:, 0], "Int64")
     rows["needs_review"] = ok & (top_probs[:, 0] < review_threshold)
     rows["error"] = batch["error"].astype(str)
     return pd.DataFrame(rows)
@@ -141,10 +140,9 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
 
 def actors_and_cpus(cfg: TagConfig) -> tuple[int, float]:
     """Predictor actors and the CPUs each reserves; decoding tasks need CPUs the actors leave free."""
-    import ray
+    from clf.job import cluster_cpus_gpus
 
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    cpus, gpus = cluster_cpus_gpus()
     if cfg.use_gpu:
         if gpus < 1:
             raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
@@ -157,8 +155,7 @@ def actors_and_cpus(cfg: TagConfig) -> tuple[int, float]:
 def run(cfg: TagConfig) -> TagResult:
     from clf.job import connect_ray, prepare_output
 
-    classes = ckpt.read_model_config(cfg.checkpoint)["classes"]
-    ckpt.load_model(cfg.checkpoint)  # fail now, in one line, on a checkpoint the actors could not load
+    _, classes = ckpt.load_model(cfg.checkpoint)  # fail now, in one line, on one the actors could not load
     paths = list_inputs(cfg.input)
     output = Path(cfg.output)
     staging = prepare_output(output)
@@ -238,8 +235,3 @@ def summary(result: TagResult, review_threshold: float) -> str:
         failed += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")"
     lines.append(failed)
     return "\n".join(lines)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from clf.cli import fraction, positive_int, run_job  # noqa: E402
-from clf.config import TAG_FORMATS, ConfigError, TagConfig  # noqa: E402
+from clf.cli import fraction, parse_config, positive_int, run_job  # noqa: E402
+from clf.config import TAG_FORMATS, TagConfig  # noqa: E402
 
 DEFAULTS = TagConfig(checkpoint="-", input="-", output="-")
 
@@ -38,11 +38,7 @@ def parse_args(argv=None) -> TagConfig:
                    help="predictor actors (default: one per CPU but one, or one per GPU with --use-gpu)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="photos per batch")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
-    args = p.parse_args(argv)
-    try:
-        return TagConfig(**vars(args))
-    except ConfigError as e:
-        p.error(str(e))
+    return parse_config(p, TagConfig, argv)
 
 
 def main(argv=None) -> int:

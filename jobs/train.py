@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from clf.cli import non_negative_int, positive_float, positive_int, run_job  # noqa: E402
-from clf.config import ConfigError, TrainConfig  # noqa: E402
+from clf.cli import non_negative_int, parse_config, positive_float, positive_int, run_job  # noqa: E402
+from clf.config import TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig()
 
@@ -55,11 +55,7 @@ def parse_args(argv=None) -> TrainConfig:
                    help="images per inference batch")
     p.add_argument("--num-infer-actors", type=positive_int, default=None,
                    help="inference actors (default: one per CPU, or per GPU with --use-gpu)")
-    args = p.parse_args(argv)
-    try:
-        return TrainConfig(**vars(args))
-    except ConfigError as e:
-        p.error(str(e))
+    return parse_config(p, TrainConfig, argv)
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_survivors(procs: list[psutil.Process], grace_s: float) -> None:
+    """Give `procs` `grace_s` seconds to end, then SIGKILL those still alive and wait for them."""
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
 class LocalCluster:
     def __init__(self, num_cpus: int = 2):
         # Short, private temp dir: Ray's unix socket paths must stay under ~100 characters.
@@ -131,13 +142,7 @@ class LocalCluster:
                 p.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        kill_survivors(procs, grace_s=10)
         for helper in self._node_helpers:
             helper.wait(timeout=10)
             helper.stdout.close()

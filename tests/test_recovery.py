@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, real_dataset_dir
-from ray_cluster import LocalCluster
+from ray_cluster import LocalCluster, kill_survivors
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +51,7 @@ def kill_driver(driver: subprocess.Popen) -> None:
     started = psutil.Process(driver.pid).children(recursive=True)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
-    _, alive = psutil.wait_procs(started, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    kill_survivors(started, grace_s=15)
 
 
 def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> str:

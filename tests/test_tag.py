@@ -72,6 +72,12 @@ def test_files_that_cannot_be_tagged_say_why(data, complaint):
         photos.load(data)
 
 
+def test_a_photo_over_the_pixel_limit_is_too_large_not_corrupt(monkeypatch):
+    monkeypatch.setattr(photos, "MAX_PIXELS", 100)
+    with pytest.raises(photos.PhotoError, match=r"^image too large \(64x64 pixels\)$"):
+        photos.load(encoded(Image.new("RGB", (64, 64), (240, 240, 240))))
+
+
 def test_a_folder_lists_every_file_below_it_but_hidden_ones(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "sub").mkdir()
