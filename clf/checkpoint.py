@@ -68,8 +68,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     """The model in eval mode on `device`, and its class names."""
     meta = read_model_config(folder)
     try:
-        # Checkpoints written before `convs_per_block` existed hold one convolution per block.
-        model = FashionCNN(**{"convs_per_block": 1, **meta["model"]})
+        model = FashionCNN(**meta["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(folder) / MODEL_CONFIG} describes no valid model ({e})") from None
     if len(meta["classes"]) != model.config["num_classes"]:

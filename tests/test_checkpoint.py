@@ -12,7 +12,7 @@ from clf.model import FashionCNN
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    model = FashionCNN(channels=(4, 8), convs_per_block=1, hidden=16)
+    model = FashionCNN(channels=(4, 8), hidden=16)
     checkpoint.save(tmp_path / "ckpt", model, data.CLASSES, {"epoch": 1})
     return tmp_path / "ckpt", model
 
@@ -66,14 +66,3 @@ def test_checkpoint_of_another_shape(saved):
 def test_not_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint.load_model(tmp_path / "nothing")
-
-
-def test_a_checkpoint_from_before_convs_per_block_loads_as_one_conv_per_block(tmp_path):
-    model = FashionCNN(channels=(4, 8), convs_per_block=1, hidden=16)
-    checkpoint.save(tmp_path / "old", model, data.CLASSES)
-    meta = json.loads((tmp_path / "old" / checkpoint.MODEL_CONFIG).read_text())
-    del meta["model"]["convs_per_block"]  # as the earlier model wrote it
-    (tmp_path / "old" / checkpoint.MODEL_CONFIG).write_text(json.dumps(meta))
-    loaded, _ = checkpoint.load_model(tmp_path / "old")
-    x = torch.randn(2, 1, 28, 28)
-    assert torch.equal(loaded(x), model.eval()(x))

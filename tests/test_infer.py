@@ -11,7 +11,7 @@ from clf.model import FashionCNN
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(3)
     folder = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save(folder, FashionCNN(channels=(4, 8), convs_per_block=1, hidden=16).eval(), data.CLASSES)
+    checkpoint.save(folder, FashionCNN(channels=(4, 8), hidden=16).eval(), data.CLASSES)
     return str(folder)
 
 

@@ -22,7 +22,7 @@ def test_has_the_layers_the_task_names():
 
 
 def test_config_rebuilds_the_same_architecture():
-    model = FashionCNN(channels=(8, 16), convs_per_block=1, hidden=32)
+    model = FashionCNN(channels=(8, 16), hidden=32)
     clone = FashionCNN(**model.config)
     clone.load_state_dict(model.state_dict())
     x = torch.randn(3, 1, 28, 28)
@@ -31,10 +31,3 @@ def test_config_rebuilds_the_same_architecture():
 
 def test_batch_of_one_in_eval_mode():
     assert FashionCNN().eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
-
-
-def test_two_convolutions_before_each_pooling():
-    layers = list(FashionCNN(channels=(8, 16), convs_per_block=2).features)
-    kinds = [type(m) for m in layers]
-    assert kinds.count(nn.Conv2d) == 4 and kinds.count(nn.MaxPool2d) == 2
-    assert [m.out_channels for m in layers if isinstance(m, nn.Conv2d)] == [8, 8, 16, 16]
