@@ -9,6 +9,7 @@ ranks, rank r taking every world_size-th index. Same seed and worker count, same
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -263,6 +264,10 @@ def fit(cfg: TrainConfig, train: Split):
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
         ),
     )
+    # fit() installs a Ctrl-C handler that holds the controller actor's handle and stays after fit()
+    # returns, which keeps the finished controller (about 0.4 GiB) alive through inference; putting the
+    # previous handler back lets Ray end it, and Ctrl-C after training means what it meant before.
+    ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; show its last line, not a traceback
@@ -274,6 +279,9 @@ def fit(cfg: TrainConfig, train: Split):
                 "with the workers that fit"
             ) from None
         raise ClfError(f"training failed: {_last_line(e)}") from None
+    finally:
+        if ctrl_c is not None and signal.getsignal(signal.SIGINT) is not ctrl_c:
+            signal.signal(signal.SIGINT, ctrl_c)
     if result.checkpoint is None:
         raise ClfError("training finished without a checkpoint")
     return result
