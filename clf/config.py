@@ -178,6 +178,11 @@ class TagConfig:
         if self.format not in TAG_FORMATS:
             raise ConfigError(f"format must be one of {', '.join(TAG_FORMATS)}, got {self.format!r}")
 
+    @property
+    def tags_name(self) -> str:
+        """The name of the tags in the output folder: tags.parquet or tags.csv."""
+        return f"tags.{self.format}"
+
 
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

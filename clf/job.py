@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +39,19 @@ class RunResult:
 
 def default_output(now: datetime | None = None) -> Path:
     return Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+@contextmanager
+def staged_output(output: Path):
+    """The temporary folder to fill in place of `output`: renamed to `output` when the block ends, removed
+    when it raises (Ctrl-C included), so a folder named `output` is always complete."""
+    staging = prepare_output(output)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(output)
 
 
 def prepare_output(output: Path) -> Path:
@@ -184,13 +198,8 @@ def run(cfg: TrainConfig) -> RunResult:
     started = time.perf_counter()
     timings = {}
     output = Path(cfg.output) if cfg.output else default_output()
-    staging = prepare_output(output)
-    try:
-        result = _run(cfg, output, staging, timings, started)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return result
+    with staged_output(output) as staging:
+        return _run(cfg, output, staging, timings, started)
 
 
 def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: float) -> RunResult:
@@ -274,7 +283,6 @@ def _run(cfg: TrainConfig, output: Path, staging: Path, timings: dict, started: 
             "provenance": provenance,
         },
     )
-    staging.rename(output)
     if history:
         print(report.history_table(history), flush=True)
     print(report.table(scores, data.CLASSES), flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -153,19 +152,14 @@ def actors_and_cpus(cfg: TagConfig) -> tuple[int, float]:
 
 
 def run(cfg: TagConfig) -> TagResult:
-    from clf.job import connect_ray, prepare_output
+    from clf.job import connect_ray, staged_output
 
     _, classes = ckpt.load_model(cfg.checkpoint)  # fail now, in one line, on one the actors could not load
     paths = list_inputs(cfg.input)
     output = Path(cfg.output)
-    staging = prepare_output(output)
-    try:
+    with staged_output(output) as staging:
         connect_ray()
         rows, seconds = _tag(cfg, paths, classes, staging)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return TagResult(rows=rows, output=output, seconds=seconds)
 
 
@@ -209,11 +203,11 @@ def _tag(cfg: TagConfig, paths: list[str], classes: list[str], staging: Path) ->
         raise ClfError(f"tagging returned {len(rows)} rows for {len(paths)} files")
     rows = rows[COLUMNS]
 
-    written = ray.data.from_pandas(rows)
+    written, target = ray.data.from_pandas(rows), str(staging / cfg.tags_name)
     if cfg.format == "csv":
-        written.write_csv(str(staging / "tags.csv"))
+        written.write_csv(target)
     else:
-        written.write_parquet(str(staging / "tags.parquet"))
+        written.write_parquet(target)
     return rows, seconds
 
 

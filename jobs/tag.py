@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     code, result = run_job("tag.py", lambda: run(cfg))
     if result is not None:
         print(summary(result, cfg.review_threshold))
-        print(f"tags in {result.output / ('tags.csv' if cfg.format == 'csv' else 'tags.parquet')}")
+        print(f"tags in {result.output / cfg.tags_name}")
     return code
 
 
