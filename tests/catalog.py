@@ -43,9 +43,7 @@ def render(image: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, st
 def save(photo: Image.Image, kind: str, stem: Path) -> Path:
     suffix = {"jpg": ".jpg", "webp": ".webp"}.get(kind, ".png")
     path = stem.with_suffix(suffix)
-    if kind == "jpg":
-        photo.save(path, quality=90)
-    elif kind == "webp":
+    if kind in ("jpg", "webp"):
         photo.save(path, quality=90)
     else:
         photo.save(path)

@@ -76,10 +76,15 @@ def real_dataset_dir(real: data.FashionMNIST, folder: Path, n_train: int, n_test
     for split, n in (("train", n_train), ("test", n_test)):
         part = getattr(real, split)
         keep = rng.permutation(len(part.labels))[:n]
-        images_name, labels_name = data.FILES[split]
-        write_idx(folder / images_name, part.images[keep])
-        write_idx(folder / labels_name, part.labels[keep])
+        write_split(folder, split, part.images[keep], part.labels[keep])
     return folder
+
+
+def write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool = True) -> None:
+    """One split's images and labels files under the names Fashion-MNIST gives them."""
+    images_name, labels_name = data.FILES[split]
+    write_idx(folder / images_name, images, gz=gz)
+    write_idx(folder / labels_name, labels, gz=gz)
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, magic: int | None = None) -> Path:
@@ -100,9 +105,8 @@ def make_dataset_dir(folder: Path, n_train: int = 64, n_test: int = 32, seed: in
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
-        images_name, labels_name = data.FILES[split]
-        write_idx(folder / images_name, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=gz)
-        write_idx(folder / labels_name, rng.integers(0, 10, n, dtype=np.uint8), gz=gz)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_split(folder, split, images, rng.integers(0, 10, n, dtype=np.uint8), gz=gz)
     return folder
 
 
