@@ -14,16 +14,12 @@ from pathlib import Path
 
 import torch
 
-from clf.config import ClfError
+from clf.errors import CheckpointError, first_line
 from clf.model import FashionCNN
 
 WEIGHTS = "model.pt"
 MODEL_CONFIG = "model.json"
 TRAIN_STATE = "train_state.pt"
-
-
-class CheckpointError(ClfError):
-    """A checkpoint that is missing, incomplete, of another shape, or unsafe to load."""
 
 
 def save(folder: str | Path, model: torch.nn.Module, classes, train_state: dict | None = None) -> None:
@@ -45,10 +41,9 @@ def _torch_load(path: Path, device: str | torch.device):
         # weights_only: a checkpoint can come from anywhere, and a full unpickle runs its code.
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "not a tensors-only file"
-        raise CheckpointError(f"refused to load {path}: it holds more than tensors ({first})") from None
+        raise CheckpointError(f"refused to load {path}: it holds more than tensors ({first_line(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable torch file ({e})") from None
+        raise CheckpointError(f"{path} is not a readable torch file ({first_line(e)})") from None
 
 
 def read_model_config(folder: str | Path) -> dict:
@@ -80,8 +75,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {folder} does not fit the model it describes ({first})") from None
+        raise CheckpointError(f"checkpoint {folder} does not fit the model it describes ({first_line(e)})") from None
     return model.to(device).eval(), meta["classes"]
 
 

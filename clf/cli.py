@@ -1,29 +1,25 @@
-"""What the command-line jobs share: argparse value types and how a failure becomes an exit code."""
+"""The command line, made from a config dataclass: one flag per field, its help and default from the field,
+its validation the config's own."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
+import types
+import typing
 
-from clf.config import ClfError, ConfigError
-
-
-def whole_number(minimum: int):
-    """An argparse type: a whole number of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
+from clf.errors import ConfigError, SettingError
 
 
-positive_int, non_negative_int = whole_number(1), whole_number(0)
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
 def _number(text: str) -> float:
@@ -33,40 +29,44 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
-def positive_float(text: str) -> float:
-    value = _number(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+# Parsing only: whether a value is in range is the config's to say.
+PARSERS = {int: _whole_number, float: _number, str: str}
+METAVARS = {int: "N", float: "X"}
 
 
-def fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def _value_type(annotation) -> type:
+    """int for `int` and `int | None`, and so on."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
 
 
-def parse_config(parser: argparse.ArgumentParser, config_class, argv=None):
-    """The config the parsed flags make; a value the config refuses is a usage error (exit 2)."""
+def parser_for(config_class, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        kind, help_text = _value_type(hints[f.name]), f.metadata["help"]
+        if kind is bool:
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(flag(f.name), action=action, default=f.default, help=help_text)
+            continue
+        required = f.default is dataclasses.MISSING
+        if not required and f.default is not None:
+            help_text += f" (default: {f.default})"
+        parser.add_argument(
+            flag(f.name), type=PARSERS[kind], required=required, default=None if required else f.default,
+            choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else METAVARS.get(kind, f.name.upper()), help=help_text,
+        )
+    return parser
+
+
+def parse(config_class, description: str, argv=None):
+    """The config the command line makes; a value the config refuses is a usage error (exit 2)."""
+    parser = parser_for(config_class, description)
     args = parser.parse_args(argv)
     try:
         return config_class(**vars(args))
+    except SettingError as e:
+        parser.error(f"argument {flag(e.setting)}: {e.problem}")
     except ConfigError as e:
         parser.error(str(e))
-
-
-def run_job(prog: str, job) -> tuple[int, object]:
-    """Call `job()`; a ClfError becomes one line on stderr and an exit code (2 for a usage error, 1 for a
-    failed run), Ctrl-C exit code 130. Returns (exit code, the job's result or None)."""
-    try:
-        return 0, job()
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2, None
-    except ClfError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1, None
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no outputs were written", file=sys.stderr)
-        return 130, None

@@ -1,117 +1,121 @@
-"""The settings of a training run, in one typed, frozen place.
+"""The settings of a training run and of a tagging run, in one typed, frozen place.
 
-Defaults live here and nowhere else. Ray's `train_loop_config` wants a plain dict: `to_dict()` converts at
-that boundary and the worker rebuilds the dataclass with `TrainConfig.from_dict()` on its first line.
+Each field carries its default, its help text and its check: the command line is built from these fields
+(`clf.cli`), so there is one flag, one default, one help text and one validation per setting. Ray's
+`train_loop_config` wants a plain dict: `dataclasses.asdict()` at that boundary, `TrainConfig(**values)`
+on the worker's first line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import MISSING, dataclass, field
+
+from clf.errors import ConfigError, SettingError
 
 
-class ClfError(Exception):
-    """An error meant for a person: its message is printed as one line, without a traceback."""
+def setting(default=MISSING, *, help: str, check=None, choices: tuple | None = None):
+    """A config field: its default, the help text its flag shows, and the check its value must pass (a
+    function returning what is wrong, or None). A None value is never checked: it means "decide for me"."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
 
 
-class ConfigError(ClfError):
-    """A setting that cannot work (a usage error)."""
+def at_least(minimum: int):
+    def check(value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number, got {value!r}"
+        return f"must be at least {minimum}, got {value}" if value < minimum else None
+
+    return check
 
 
-def first_line(error: Exception) -> str:
-    """An exception's message cut to one line, for an error that must fit on one."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def positive_number(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return None if ok else f"must be a positive number, got {value}"
+
+
+def non_negative_number(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return None if ok else f"must be zero or a positive number, got {value}"
+
+
+def number_in(low: float, high: float, *, high_included: bool = True):
+    def check(value) -> str | None:
+        inside = isinstance(value, (int, float)) and (low <= value <= high if high_included else low <= value < high)
+        return None if inside else f"must be between {low} and {high}{'' if high_included else ' (excluded)'}, got {value}"
+
+    return check
+
+
+def plain_name(value) -> str | None:
+    ok = isinstance(value, str) and value.strip() and value not in (".", "..") and not any(c in value for c in "/\\")
+    return None if ok else f"must be a plain folder name, got {value!r}"
+
+
+def a_path(value) -> str | None:
+    return None if isinstance(value, str) and value.strip() else f"must be a path, got {value!r}"
+
+
+def one_of(*choices: str):
+    def check(value) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
+    return check
+
+
+def check_fields(settings) -> None:
+    """Run every field's check; the first value out of range raises SettingError naming its field."""
+    for f in dataclasses.fields(settings):
+        value, check = getattr(settings, f.name), f.metadata.get("check")
+        if value is not None and check is not None and (problem := check(value)):
+            raise SettingError(f.name, problem)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
-    """Passes over the 60,000 training images."""
-
-    batch_size: int = 128
-    """Global batch size: images per optimizer step, summed over all workers."""
-
-    lr: float = 1e-2
-    """Peak learning rate of the one-cycle schedule, for `batch_size` images per step."""
-
-    weight_decay: float = 5e-4
-    """Adam's L2 penalty."""
-
-    label_smoothing: float = 0.1
-    """Cross-entropy label smoothing: worth about half a point of test accuracy at two epochs."""
-
-    num_workers: int | None = None
-    """Training workers. None: 1 on CPU (one process using every core beats several single-threaded
-    ones on a small machine), the number of GPUs in the cluster with `use_gpu`."""
-
-    min_workers: int | None = None
-    """Elastic training: the fewest workers a run goes on with when nodes are lost (or not there at the
-    start), up to `num_workers`. None: exactly `num_workers`, waiting for lost ones to be replaced."""
-
-    cpus_per_worker: int | None = None
-    """CPUs (and torch threads) per training worker. None: the cluster's CPUs divided by the workers,
-    so a laptop run uses all its cores."""
-
-    use_gpu: bool = False
-    """One GPU per training worker and per inference actor."""
-
-    seed: int = 0
-    """Seeds weights, shuffling and dropout: the same seed and worker count give the same metrics."""
-
-    data_dir: str | None = None
-    """Folder holding the four Fashion-MNIST idx files (.gz or not). None: search the usual places."""
-
-    download: bool = False
-    """Allow torchvision to download the data into the local cache when it is found nowhere else."""
-
-    output: str | None = None
-    """Folder for metrics.json, predictions.parquet and checkpoint/. None: runs/<timestamp>."""
-
-    storage_path: str | None = None
-    """Where Ray Train keeps its checkpoints while it runs (shared storage on a multi-node cluster).
-    None: Ray's default, ~/ray_results."""
-
-    run_name: str | None = None
-    """The run's name in `storage_path`. Started again with the same name and storage, a run resumes from
-    its latest checkpoint. None: a new name for every run."""
-
-    max_failures: int = 2
-    """Worker failures (a killed process, a lost node) Ray Train recovers from by restarting the workers
-    from the latest checkpoint; the next one fails the run."""
-
-    infer_batch_size: int = 1024
-    """Images per batch in the Ray Data inference job."""
-
-    num_infer_actors: int | None = None
-    """Inference actors, each holding one copy of the model. None: one per GPU with `use_gpu`, else one
-    single-threaded actor per CPU of the cluster."""
+    epochs: int = setting(2, help="passes over the training set", check=at_least(1))
+    batch_size: int = setting(128, help="global batch size: images per optimizer step, summed over all workers",
+                              check=at_least(1))
+    lr: float = setting(1e-2, help="peak learning rate of the one-cycle schedule (Adam), for --batch-size images "
+                                   "per step", check=positive_number)
+    weight_decay: float = setting(5e-4, help="Adam's L2 penalty", check=non_negative_number)
+    label_smoothing: float = setting(0.1, help="cross-entropy label smoothing (worth about half a point of test "
+                                               "accuracy at two epochs)", check=number_in(0, 1, high_included=False))
+    num_workers: int | None = setting(None, help="training workers (DDP). Default: 1 on CPU (one process using "
+                                                 "every core beats several single-threaded ones on a small machine), "
+                                                 "one per GPU of the cluster with --use-gpu", check=at_least(1))
+    min_workers: int | None = setting(None, help="elastic training: the fewest workers a run goes on with when "
+                                                 "nodes are lost (or not there at the start). Default: exactly "
+                                                 "--num-workers, waiting for lost ones to be replaced",
+                                      check=at_least(1))
+    cpus_per_worker: int | None = setting(None, help="CPUs reserved, and torch threads, per training worker. "
+                                                     "Default: the cluster's CPUs / workers (1 with --use-gpu)",
+                                          check=at_least(1))
+    use_gpu: bool = setting(False, help="one GPU per training worker and per inference actor")
+    seed: int = setting(0, help="seeds weights, shuffling and dropout: the same seed and worker count give the "
+                                "same metrics", check=at_least(0))
+    data_dir: str | None = setting(None, help="folder with the four Fashion-MNIST idx files (.gz or not). Default: "
+                                              "$CLF_DATA_DIR, /usr/share/datasets/fashion-mnist, "
+                                              "~/.cache/clf/fashion-mnist", check=a_path)
+    download: bool = setting(False, help="let torchvision download the data into the cache when it is found "
+                                         "nowhere (needs internet)")
+    output: str | None = setting(None, help="new folder for the outputs. Default: runs/<timestamp>", check=a_path)
+    storage_path: str | None = setting(None, help="where Ray Train keeps its checkpoints while it runs; shared "
+                                                  "storage (s3://, NFS) on a multi-node cluster. Default: "
+                                                  "~/ray_results", check=a_path)
+    run_name: str | None = setting(None, help="the run's folder in --storage-path; started again with the same "
+                                              "name and storage, a run resumes from its latest checkpoint. "
+                                              "Default: a new name for every run", check=plain_name)
+    max_failures: int = setting(2, help="worker failures (a killed process, a lost node) recovered from by "
+                                        "restarting from the latest checkpoint", check=at_least(0))
+    infer_batch_size: int = setting(1024, help="images per batch of the Ray Data inference job", check=at_least(1))
+    num_infer_actors: int | None = setting(None, help="inference actors, each holding one copy of the model. "
+                                                      "Default: one single-threaded actor per CPU of the cluster, "
+                                                      "or one per GPU with --use-gpu", check=at_least(1))
 
     def __post_init__(self) -> None:
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "infer_batch_size": self.infer_batch_size,
-        }
-        optional_positive = {
-            "num_workers": self.num_workers,
-            "min_workers": self.min_workers,
-            "cpus_per_worker": self.cpus_per_worker,
-            "num_infer_actors": self.num_infer_actors,
-        }
-        for name, value in positive.items():
-            _check_int(name, value)
-        for name, value in optional_positive.items():
-            if value is not None:
-                _check_int(name, value)
-        _check_int("max_failures", self.max_failures, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be zero or more, got {self.weight_decay}")
+        check_fields(self)
         if self.num_workers is not None and self.batch_size < self.num_workers:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) is smaller than num_workers ({self.num_workers}): "
@@ -119,20 +123,6 @@ class TrainConfig:
             )
         if self.min_workers is not None and self.num_workers is not None and self.min_workers > self.num_workers:
             raise ConfigError(f"min_workers ({self.min_workers}) is more than num_workers ({self.num_workers})")
-        if self.run_name is not None and (
-            not self.run_name.strip() or self.run_name in (".", "..") or any(c in self.run_name for c in "/\\")
-        ):
-            raise ConfigError(f"run_name must be a plain folder name, got {self.run_name!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        return cls(**values)
-
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 TAG_FORMATS = ("parquet", "csv")
@@ -140,50 +130,25 @@ TAG_FORMATS = ("parquet", "csv")
 
 @dataclass(frozen=True)
 class TagConfig:
-    checkpoint: str
-    """A training run's checkpoint folder (runs/NAME/checkpoint)."""
-
-    input: str
-    """A folder of product photos (every file in it and below gets a row), or a .parquet / .csv file
-    with a `path` column listing them (relative paths are relative to that file's folder)."""
-
-    output: str
-    """New folder for tags.parquet (or tags.csv); an existing one is refused."""
-
-    num_actors: int | None = None
-    """Predictor actors. None: one per GPU with `use_gpu`, else one per CPU but one, which is left to the
-    tasks that read and decode the photos."""
-
-    batch_size: int = 256
-    """Photos per batch, for decoding and for the model."""
-
-    use_gpu: bool = False
-    """One GPU per predictor actor."""
-
-    review_threshold: float = 0.6
-    """Rows whose confidence (the top class's softmax probability) is below this get needs_review."""
-
-    format: str = "parquet"
-    """"parquet" (tags.parquet, a folder of Parquet files) or "csv" (tags.csv, a folder of CSV files)."""
+    checkpoint: str = setting(help="a training run's checkpoint folder (runs/NAME/checkpoint)", check=a_path)
+    input: str = setting(help="a folder of product photos (every file in it and below gets a row), or a .parquet "
+                              "or .csv file with a `path` column listing them (relative to that file's folder)",
+                         check=a_path)
+    output: str = setting(help="new folder for tags.parquet (or tags.csv); an existing one is refused", check=a_path)
+    num_actors: int | None = setting(None, help="predictor actors. Default: one per CPU but one, which is left to "
+                                                "the tasks that read and decode the photos; one per GPU with "
+                                                "--use-gpu", check=at_least(1))
+    batch_size: int = setting(256, help="photos per batch, for decoding and for the model", check=at_least(1))
+    use_gpu: bool = setting(False, help="one GPU per predictor actor")
+    review_threshold: float = setting(0.6, help="rows whose confidence (the top class's probability) is below this "
+                                                "get needs_review", check=number_in(0, 1))
+    format: str = setting("parquet", help="tags.parquet (a folder of Parquet files) or tags.csv (a folder of CSV "
+                                          "files)", check=one_of(*TAG_FORMATS), choices=TAG_FORMATS)
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint", "input", "output"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
-        _check_int("batch_size", self.batch_size)
-        if self.num_actors is not None:
-            _check_int("num_actors", self.num_actors)
-        if not 0 <= self.review_threshold <= 1:
-            raise ConfigError(f"review_threshold must be between 0 and 1, got {self.review_threshold}")
-        if self.format not in TAG_FORMATS:
-            raise ConfigError(f"format must be one of {', '.join(TAG_FORMATS)}, got {self.format!r}")
+        check_fields(self)
 
     @property
     def tags_name(self) -> str:
         """The name of the tags in the output folder: tags.parquet or tags.csv."""
         return f"tags.{self.format}"
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}")

@@ -1,22 +1,23 @@
 """Fashion-MNIST: where it is found, how it is read, how images become model input, and Ray Datasets.
 
-The four original idx files are read with torchvision's own readers. Preprocessing is `preprocess()`,
-used by the training loop and by the predictor alike.
+The four original idx files are read with numpy. `preprocess()` is the one preprocessing: the training
+loop, the test-set predictor and photo tagging all call it.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import shutil
-import tempfile
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clf.config import ClfError
+from clf.errors import DataError
 
 CLASSES = (
     "T-shirt/top",
@@ -48,10 +49,6 @@ HOW_TO_GET = (
     "install it with `apt-get install dataset-fashion-mnist`, pass --data-dir with the four idx files, "
     "or pass --download on a machine with internet"
 )
-
-
-class DataError(ClfError):
-    """The dataset is missing or unreadable."""
 
 
 @dataclass(frozen=True)
@@ -132,31 +129,33 @@ def _download(root: Path) -> None:
         raise DataError(f"downloading Fashion-MNIST into {root} failed: {e}") from None
 
 
-def _read_idx(path: Path, kind: str, scratch: Path) -> torch.Tensor:
-    """Read one idx file with torchvision's reader, decompressing a .gz copy into `scratch` first."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    reader = read_image_file if kind == "images" else read_label_file
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """One idx file (.gz or not) as a uint8 array of the shape its header gives."""
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        if path.suffix == ".gz":
-            raw = scratch / path.stem
-            with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            raw = path
-        with open(raw, "rb") as f:
-            magic = int.from_bytes(f.read(4), "big")
-        if magic != MAGIC[kind]:
-            raise DataError(f"{path} has magic number {magic:#010x}, not {MAGIC[kind]:#010x} of an idx {kind} file")
-        return reader(str(raw))
-    except (OSError, EOFError, ValueError, TypeError, AssertionError, RuntimeError, KeyError) as e:
-        detail = str(e) or type(e).__name__
-        raise DataError(f"{path} is not a readable idx {kind} file ({detail})") from None
+        with opener(path, "rb") as f:
+            raw = bytearray(f.read())  # writable: torch.from_numpy warns on read-only arrays
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable idx {kind} file ({e or type(e).__name__})") from None
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != MAGIC[kind]:
+        raise DataError(f"{path} has magic number {magic:#010x}, not {MAGIC[kind]:#010x} of an idx {kind} file")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is not a readable idx {kind} file (its header is cut short)")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != math.prod(shape):
+        raise DataError(
+            f"{path} is not a readable idx {kind} file (its header says {shape}, "
+            f"{math.prod(shape)} bytes; it holds {len(raw) - header})"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_split(images_path: Path, labels_path: Path, scratch: Path) -> Split:
-    images = _read_idx(images_path, "images", scratch)
-    labels = _read_idx(labels_path, "labels", scratch)
+def read_split(images_path: Path, labels_path: Path) -> Split:
+    images = read_idx(images_path, "images")
+    labels = read_idx(labels_path, "labels")
     if tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{images_path} holds images of {tuple(images.shape[1:])}, not 28x28")
     if len(images) != len(labels):
@@ -168,14 +167,13 @@ def read_split(images_path: Path, labels_path: Path, scratch: Path) -> Split:
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= len(CLASSES):
         raise DataError(f"{labels_path} has labels outside 0..{len(CLASSES) - 1} (found {low}..{high})")
-    return Split(images=images.numpy(), labels=labels.numpy().astype(np.int64))
+    return Split(images=images, labels=labels.astype(np.int64))
 
 
 def load(data_dir: str | None = None, download: bool = False) -> FashionMNIST:
     """Read the training and test sets once, on the driver."""
     folder, files = locate(data_dir, download)
-    with tempfile.TemporaryDirectory(prefix="clf-idx-") as scratch:
-        splits = {split: read_split(*paths, Path(scratch)) for split, paths in files.items()}
+    splits = {split: read_split(*paths) for split, paths in files.items()}
     return FashionMNIST(train=splits["train"], test=splits["test"], source=str(folder))
 
 
@@ -187,6 +185,8 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 def to_ray_dataset(split: Split, rows_per_block: int = 2500):
     """The split as a Ray Dataset of rows (id, label, image); `id` is the row's index in the split."""
+    # Imported here, not above: this module also serves where Ray is not installed or wanted (loading a
+    # checkpoint to tag in a plain process).
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray

@@ -8,10 +8,14 @@ and label travel with its prediction whatever order Ray Data delivers the rows i
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import ray.data
 import torch
 
 from clf.checkpoint import load_model
-from clf.data import preprocess
+from clf.data import Split, preprocess, to_ray_dataset
+from clf.errors import ClfError
+from clf.runtime import InferPlan
 
 
 class Predictor:
@@ -24,10 +28,10 @@ class Predictor:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if isinstance(checkpoint, str):
-            self.model, self.classes = load_model(checkpoint, self.device)
+            self.model, _ = load_model(checkpoint, self.device)
         else:
             with checkpoint.as_directory() as folder:
-                self.model, self.classes = load_model(folder, self.device)
+                self.model, _ = load_model(folder, self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -42,24 +46,37 @@ class Predictor:
         return batch
 
 
-def predict(
-    dataset, checkpoint, *, batch_size: int, num_actors: int, use_gpu: bool, cpus_per_actor: float, top_k: int = 0
-):
+def predict(dataset: ray.data.Dataset, checkpoint, plan: InferPlan, batch_size: int, top_k: int = 0) -> ray.data.Dataset:
     """The dataset's rows with `image` replaced by `prediction` (class index) and `confidence` (and with
-    `top_k`, `top_classes` and `top_probs`). A fractional `cpus_per_actor` shares a CPU, one torch thread."""
-    import ray.data
-
+    `top_k`, `top_classes` and `top_probs`), mapped by `plan.num_actors` predictor actors."""
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
-            "use_gpu": use_gpu,
-            "num_threads": int(cpus_per_actor) or None,
+            "use_gpu": plan.use_gpu,
+            "num_threads": int(plan.cpus_per_actor) or None,
             "top_k": top_k,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=1 if plan.use_gpu else 0,
     )
+
+
+def evaluate(checkpoint, test: Split, plan: InferPlan, batch_size: int) -> pd.DataFrame:
+    """Tag every test image with the Ray Data predictor; rows (id, label, prediction, confidence) in id order."""
+    rows = predict(to_ray_dataset(test), checkpoint, plan, batch_size).to_pandas()
+    return check_complete(rows, test)
+
+
+def check_complete(rows: pd.DataFrame, test: Split) -> pd.DataFrame:
+    """The rows in id order, once it is sure that every test image came back exactly once, with the label it
+    was read with: never a partial result."""
+    rows = rows.sort_values("id", ignore_index=True)
+    if len(rows) != len(test.labels) or not np.array_equal(rows["id"].to_numpy(), np.arange(len(test.labels))):
+        raise ClfError(f"inference returned {len(rows)} rows for {len(test.labels)} test images")
+    if not np.array_equal(rows["label"].to_numpy(), test.labels):
+        raise ClfError("inference returned labels that differ from the test set's")
+    return rows

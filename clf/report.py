@@ -1,5 +1,6 @@
-"""What a run leaves behind: the terminal table, metrics.json, predictions.parquet, their provenance, and
-the run report (figures and report.html)."""
+"""What a run leaves behind: the terminal tables, metrics.json, predictions.parquet, their provenance, and
+the run report (figures and report.html). Tables are pandas frames, formatted once (`formatted`) for the
+terminal and the page alike; the page is a Jinja2 template, which escapes what it is given."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 
@@ -16,25 +18,44 @@ from clf.metrics import Metrics
 
 PACKAGES = ("torch", "torchvision", "ray", "torchmetrics", "numpy", "pyarrow")
 
+# How each column of a table is shown, on the terminal and in report.html.
+FORMATS = {
+    "precision": "{:.4f}", "recall": "{:.4f}", "loss": "{:.4f}", "train accuracy": "{:.4f}",
+    "images/s": "{:,.0f}", "elapsed s": "{:.1f}", "count": "{:,}",
+}
+TEXT_COLUMNS = ("class", "tag")  # left-aligned on the terminal
+
+
+def class_frame(metrics: Metrics, classes) -> pd.DataFrame:
+    return pd.DataFrame({"class": list(classes), "precision": metrics.precision, "recall": metrics.recall})
+
+
+def history_frame(history: list[dict]) -> pd.DataFrame:
+    columns = {"epoch": "epoch", "loss": "loss", "accuracy": "train accuracy", "images_per_s": "images/s",
+               "elapsed_s": "elapsed s"}
+    return pd.DataFrame(history, columns=list(columns)).rename(columns=columns)
+
+
+def formatted(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as the strings a person reads."""
+    return frame.apply(lambda column: column.map((FORMATS.get(column.name) or "{}").format))
+
+
+def text_table(frame: pd.DataFrame) -> str:
+    shown = formatted(frame)
+    left = {c: shown[c].str.len().max() for c in shown.columns if c in TEXT_COLUMNS}
+    return shown.to_string(index=False, justify="left" if left else "right",
+                           formatters={c: (lambda width: lambda s: s.ljust(width))(w) for c, w in left.items()})
+
 
 def table(metrics: Metrics, classes) -> str:
-    width = max(len(c) for c in classes)
-    lines = [f"{'class':<{width}}  precision  recall", f"{'-' * width}  ---------  ------"]
-    for name, p, r in zip(classes, metrics.precision, metrics.recall):
-        lines.append(f"{name:<{width}}  {p:9.4f}  {r:6.4f}")
-    lines.append(f"accuracy {metrics.accuracy:.4f} over {metrics.count:,} test images")
-    return "\n".join(lines)
+    return f"{text_table(class_frame(metrics, classes))}\naccuracy {metrics.accuracy:.4f} over {metrics.count:,} test images"
 
 
 def history_table(history: list[dict]) -> str:
     """One line per epoch, printed by the driver once training ends (the workers' live lines reach a
     job's log only as far as Ray forwards worker output)."""
-    lines = ["epoch  loss    train accuracy  images/s  elapsed s"]
-    for h in history:
-        lines.append(
-            f"{h['epoch']:>5}  {h['loss']:.4f}  {h['accuracy']:14.4f}  {h['images_per_s']:8,.0f}  {h['elapsed_s']:9.1f}"
-        )
-    return "\n".join(lines)
+    return text_table(history_frame(history))
 
 
 def provenance() -> dict:
@@ -113,7 +134,11 @@ def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict
         _history_figure(plt, history).savefig(folder / REPORT_FILES["history"], bbox_inches="tight")
         _mistakes_figure(plt, mistakes, classes).savefig(folder / REPORT_FILES["mistakes"], bbox_inches="tight")
         plt.close("all")
-    (folder / "report.html").write_text(_html(metrics, classes, history, facts))
+    page = PAGE.render(
+        metrics=metrics, facts=facts, files=REPORT_FILES,
+        per_class=formatted(class_frame(metrics, classes)), epochs=formatted(history_frame(history)),
+    )
+    (folder / "report.html").write_text(page)
 
 
 def _confusion_figure(plt, metrics: Metrics, classes):
@@ -173,56 +198,39 @@ def _mistakes_figure(plt, mistakes: dict, classes, columns: int = 8):
     return fig
 
 
-def _html(metrics: Metrics, classes, history: list[dict], facts: dict) -> str:
-    from html import escape
-
-    class_rows = "\n".join(
-        f"<tr><td>{escape(c)}</td><td>{p:.4f}</td><td>{r:.4f}</td></tr>"
-        for c, p, r in zip(classes, metrics.precision, metrics.recall)
-    )
-    epoch_rows = "\n".join(
-        f"<tr><td>{h['epoch']}</td><td>{h['loss']:.4f}</td><td>{h['accuracy']:.4f}</td>"
-        f"<td>{h.get('images_per_s', 0):,.0f}</td></tr>"
-        for h in history
-    )
-    fact_rows = "\n".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts.items())
-
-    def figure(key: str, alt: str) -> str:
-        return f'<figure><img src="{REPORT_FILES[key]}" alt="{escape(alt)}"></figure>'
-
-    return f"""<!DOCTYPE html>
+PAGE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""\
+<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>clf run report: accuracy {metrics.accuracy:.2%}</title>
+<title>clf run report: accuracy {{ "%.2f%%" % (metrics.accuracy * 100) }}</title>
 <style>
-body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-img {{ max-width: 100%; }}
+body { font-family: sans-serif; max-width: 60em; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+img { max-width: 100%; }
 </style>
 </head>
 <body>
-<h1>Test accuracy {metrics.accuracy:.2%} over {metrics.count:,} images</h1>
+<h1>Test accuracy {{ "%.2f%%" % (metrics.accuracy * 100) }} over {{ "{:,}".format(metrics.count) }} images</h1>
 <table>
-{fact_rows}
-</table>
+{% for key, value in facts.items() %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
+{% endfor %}</table>
+{% macro frame_table(frame) %}<table>
+<tr>{% for column in frame.columns %}<th>{{ column }}</th>{% endfor %}</tr>
+{% for row in frame.itertuples(index=False) %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</table>{% endmacro %}
+{% macro figure(key, alt) %}<figure><img src="{{ files[key] }}" alt="{{ alt }}"></figure>{% endmacro %}
 <h2>Per class</h2>
-<table>
-<tr><th>class</th><th>precision</th><th>recall</th></tr>
-{class_rows}
-</table>
-{figure("per_class", "precision and recall per class")}
+{{ frame_table(per_class) }}
+{{ figure("per_class", "precision and recall per class") }}
 <h2>Confusion matrix</h2>
-{figure("confusion", "confusion matrix: true class by row, predicted class by column")}
+{{ figure("confusion", "confusion matrix: true class by row, predicted class by column") }}
 <h2>Training</h2>
-<table>
-<tr><th>epoch</th><th>loss</th><th>train accuracy</th><th>images/s</th></tr>
-{epoch_rows}
-</table>
-{figure("history", "training loss and accuracy per epoch")}
+{{ frame_table(epochs) }}
+{{ figure("history", "training loss and accuracy per epoch") }}
 <h2>Most confident mistakes</h2>
-{figure("mistakes", "the test images the model got wrong with the highest confidence")}
+{{ figure("mistakes", "the test images the model got wrong with the highest confidence") }}
 </body>
 </html>
-"""
+""")

@@ -10,44 +10,25 @@ usage error.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from clf.cli import fraction, parse_config, positive_int, run_job  # noqa: E402
-from clf.config import TAG_FORMATS, TagConfig  # noqa: E402
+from clf import cli  # noqa: E402
+from clf.config import TagConfig  # noqa: E402
+from clf.errors import run_job  # noqa: E402
 
-DEFAULTS = TagConfig(checkpoint="-", input="-", output="-")
-
-
-def parse_args(argv=None) -> TagConfig:
-    p = argparse.ArgumentParser(
-        description="Tag product photos with a trained clothing classifier (Ray Data batch inference).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="a training run's checkpoint folder (runs/NAME/checkpoint)")
-    p.add_argument("--input", required=True,
-                   help="folder of photos (JPEG, PNG, WebP), or a .parquet/.csv file with a `path` column")
-    p.add_argument("--output", required=True, help="new folder for the tags")
-    p.add_argument("--format", choices=TAG_FORMATS, default=DEFAULTS.format, help="tags.parquet or tags.csv")
-    p.add_argument("--review-threshold", type=fraction, default=DEFAULTS.review_threshold,
-                   help="rows with a confidence below this get needs_review")
-    p.add_argument("--num-actors", type=positive_int, default=None,
-                   help="predictor actors (default: one per CPU but one, or one per GPU with --use-gpu)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="photos per batch")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per predictor actor")
-    return parse_config(p, TagConfig, argv)
+DESCRIPTION = "Tag product photos with a trained clothing classifier (Ray Data batch inference)."
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    from clf.tag import run, summary
+    cfg = cli.parse(TagConfig, DESCRIPTION, argv)
+    from clf.tagging import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
 
-    code, result = run_job("tag.py", lambda: run(cfg))
+    code, result = run_job("tag.py", lambda: pipeline.run(cfg))
     if result is not None:
-        print(summary(result, cfg.review_threshold))
+        print(pipeline.summary(result, cfg.review_threshold))
         print(f"tags in {result.output / cfg.tags_name}")
     return code
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from clf.job import LOOPBACK_ENV
+from clf.runtime import LOOPBACK_ENV
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -3,11 +3,12 @@
 import copy
 import re
 
+import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def test_validates_with_rays_schema(config):
 def test_validation_is_real(config):
     broken = copy.deepcopy(config)
     broken["available_node_types"]["head"]["not_a_field"] = 1
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="not_a_field"):
         validate_config(prepare_config(broken))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clf import data
-from conftest import ROOT, make_dataset_dir, write_idx
+from tests.helpers import ROOT, make_dataset_dir, write_idx
 
 
 def test_reads_gz_and_raw_files_alike(tmp_path):
@@ -97,29 +97,43 @@ def test_real_data_is_fashion_mnist(real_data):
     assert scaled.std() == pytest.approx(data.PIXEL_STD, abs=1e-3)
 
 
+def folder_missing(folder):
+    return folder.parent / "absent"
+
+
+def gz_truncated(folder):
+    p = folder / "train-images-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes()))[:150])
+    return folder
+
+
+def wrong_magic(folder):
+    write_idx(folder / "train-images-idx3-ubyte", np.zeros((64, 28, 28), np.uint8), magic=0x00000D03)
+    return folder
+
+
+def labels_out_of_range(folder):
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.full(32, 200, np.uint8))
+    return folder
+
+
+def counts_differ(folder):
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((31, 28, 28), np.uint8))
+    return folder
+
+
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        ("missing", "is not a folder"),
-        ("truncated", "is not a readable idx images file"),
-        ("magic", "magic number"),
-        ("labels", "labels outside"),
-        ("counts", "images but"),
+        (folder_missing, "is not a folder"),
+        (gz_truncated, "is not a readable idx images file"),
+        (wrong_magic, "magic number"),
+        (labels_out_of_range, "labels outside"),
+        (counts_differ, "images but"),
     ],
 )
 def test_bad_data_is_a_one_line_error_and_leaves_no_outputs(tmp_path, corrupt, message):
-    folder = make_dataset_dir(tmp_path / "data")
-    if corrupt == "missing":
-        folder = tmp_path / "absent"
-    elif corrupt == "truncated":
-        p = folder / "train-images-idx3-ubyte.gz"
-        p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes()))[:150])
-    elif corrupt == "magic":
-        write_idx(folder / "train-images-idx3-ubyte", np.zeros((64, 28, 28), np.uint8), magic=0x00000D03)
-    elif corrupt == "labels":
-        write_idx(folder / "t10k-labels-idx1-ubyte", np.full(32, 200, np.uint8))
-    elif corrupt == "counts":
-        write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((31, 28, 28), np.uint8))
+    folder = corrupt(make_dataset_dir(tmp_path / "data"))
     out = tmp_path / "runs" / "r"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--data-dir", str(folder), "--output", str(out)],

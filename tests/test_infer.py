@@ -5,6 +5,7 @@ import torch
 from clf import checkpoint, data
 from clf.infer import Predictor, predict
 from clf.model import FashionCNN
+from clf.runtime import InferPlan
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_rows_stay_aligned_when_shuffled_before_inference(ray_local, tiny_checkp
     assert len(np.unique(prediction)) >= 3  # otherwise a misalignment could go unseen
 
     shuffled = data.to_ray_dataset(tiny_split, rows_per_block=50).random_shuffle(seed=1)
-    rows = predict(shuffled, tiny_checkpoint, batch_size=32, num_actors=1, use_gpu=False, cpus_per_actor=1)
+    rows = predict(shuffled, tiny_checkpoint, InferPlan(num_actors=1, cpus_per_actor=1, use_gpu=False), batch_size=32)
     rows = rows.to_pandas()
 
     assert sorted(rows["id"]) == list(range(300))

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from clf import data
-from clf.config import TrainConfig
-from clf.job import evaluate
-from conftest import ROOT, html_references
+from clf.infer import check_complete, predict
+from clf.runtime import InferPlan
+from tests.helpers import EPOCH_TABLE, ROOT, html_references
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_embedded_ray_listens_on_loopback_only(one_epoch):
 
 
 def test_prints_epochs_and_the_table(one_epoch):
-    assert "epoch  loss    train accuracy  images/s  elapsed s\n    1  " in one_epoch.log
+    assert EPOCH_TABLE.search(one_epoch.log)
     assert "Ankle boot" in one_epoch.log and "accuracy 0." in one_epoch.log
 
 
@@ -65,6 +65,8 @@ def test_metrics_json_equals_a_recomputation_from_predictions(one_epoch, real_da
     assert {"load_data_s", "train_s", "inference_s", "total_s"} <= set(metrics["timings"])
     assert metrics["provenance"]["packages"]["ray"]
     assert [h["epoch"] for h in metrics["history"]] == [1]
+    assert metrics["plan"]["training"] == {"num_workers": 1, "min_workers": 1, "cpus_per_worker": 2, "use_gpu": False}
+    assert metrics["plan"]["inference"]["num_actors"] >= 1
 
 
 def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):
@@ -76,25 +78,21 @@ def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):
 
 
 def test_checkpoint_loads_without_ray(one_epoch, real_data):
-    script = (
-        "import sys, numpy as np, torch\n"
-        "from clf.checkpoint import load_model\n"
-        "from clf.data import preprocess\n"
-        f"model, classes = load_model({str(one_epoch.output / 'checkpoint')!r})\n"
-        "assert 'ray' not in sys.modules, 'loading a checkpoint must not need Ray'\n"
-        "images = torch.from_numpy(np.load(sys.argv[1]))\n"
-        "print(model(preprocess(images)).argmax(1).tolist())\n"
-    )
     images = one_epoch.output.parent / "first100.npy"
     np.save(images, real_data.test.images[:100])
-    proc = subprocess.run([sys.executable, "-c", script, str(images)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.programs", "predict-without-ray", str(one_epoch.output / "checkpoint"), str(images)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == one_epoch.predictions[:100]
 
 
 def test_shuffled_inference_gives_the_same_predictions(ray_local, one_epoch, real_data):
-    cfg = TrainConfig(num_infer_actors=1, cpus_per_worker=1)
-    rows = evaluate(str(one_epoch.output / "checkpoint"), real_data.test, cfg, shuffle=True)
+    # One actor on one CPU: the shuffle's tasks need the other.
+    shuffled = data.to_ray_dataset(real_data.test).random_shuffle(seed=0)
+    rows = predict(shuffled, str(one_epoch.output / "checkpoint"), InferPlan(1, 1, False), batch_size=1024)
+    rows = check_complete(rows.to_pandas(), real_data.test)
     assert rows["prediction"].tolist() == one_epoch.predictions
 
 

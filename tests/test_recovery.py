@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, real_dataset_dir
-from ray_cluster import LocalCluster, kill_survivors
+from tests.helpers import ROOT, real_dataset_dir
+from tests.ray_cluster import LocalCluster, kill_survivors
 
 pytestmark = pytest.mark.slow
 

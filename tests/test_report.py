@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from clf import metrics, report
-from conftest import html_references
+from tests.helpers import html_references
 
 CLASSES = ["a<b", "b", "c"]  # one name that must be escaped in HTML
 

@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from catalog import render, write_broken, write_catalog
-from clf import photos
-from clf.config import ConfigError, TagConfig
-from clf.tag import COLUMNS, list_inputs
-from conftest import ROOT
+from tests.catalog import render, write_broken, write_catalog
+from clf.config import TagConfig
+from clf.errors import ConfigError
+from clf.tagging import photos
+from clf.tagging.pipeline import COLUMNS, list_inputs
+from tests.helpers import ROOT
 
 TAG = str(ROOT / "jobs" / "tag.py")
 
@@ -97,34 +98,42 @@ def test_listings_resolve_relative_paths_against_their_folder(tmp_path):
     assert list_inputs(str(tmp_path / "list.parquet")) == [str(tmp_path / "z.webp")]
 
 
-def bad_input(folder, kind: str):
-    if kind == "missing":
-        return folder / "missing"
-    if kind == "empty folder":
-        return folder
-    if kind == "text listing":
-        (folder / "list.txt").write_text("a.jpg\n")
-        return folder / "list.txt"
-    if kind == "no path column":
-        pd.DataFrame({"a": ["1"], "b": ["2"]}).to_csv(folder / "list.csv", index=False)
-        return folder / "list.csv"
-    (folder / "list.parquet").write_text("not parquet")  # "corrupt listing"
+def missing(folder):
+    return folder / "missing"
+
+
+def empty_folder(folder):
+    return folder
+
+
+def text_listing(folder):
+    (folder / "list.txt").write_text("a.jpg\n")
+    return folder / "list.txt"
+
+
+def no_path_column(folder):
+    pd.DataFrame({"a": ["1"], "b": ["2"]}).to_csv(folder / "list.csv", index=False)
+    return folder / "list.csv"
+
+
+def corrupt_listing(folder):
+    (folder / "list.parquet").write_text("not parquet")
     return folder / "list.parquet"
 
 
 @pytest.mark.parametrize(
-    "kind, complaint",
+    "make_input, complaint",
     [
-        ("missing", "does not exist"),
-        ("empty folder", "holds no files"),
-        ("text listing", "neither a folder nor"),
-        ("no path column", "no `path` column"),
-        ("corrupt listing", "cannot be read"),
+        (missing, "does not exist"),
+        (empty_folder, "holds no files"),
+        (text_listing, "neither a folder nor"),
+        (no_path_column, "no `path` column"),
+        (corrupt_listing, "cannot be read"),
     ],
 )
-def test_bad_inputs_are_config_errors(tmp_path, kind, complaint):
+def test_bad_inputs_are_config_errors(tmp_path, make_input, complaint):
     with pytest.raises(ConfigError, match=complaint):
-        list_inputs(str(bad_input(tmp_path, kind)))
+        list_inputs(str(make_input(tmp_path)))
 
 
 def test_tag_config_checks_its_values():

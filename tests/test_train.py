@@ -6,8 +6,10 @@ import pytest
 
 from clf import checkpoint, data
 from clf.config import TrainConfig
-from clf.train import epoch_batches, fit, shard_order
-from conftest import real_subset
+from clf.runtime import TrainPlan
+from clf.train import epoch_batches, shard_order
+from clf.trainer import fit
+from tests.helpers import real_subset
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +20,13 @@ def small_train(real_data):
     return real_subset(real_data, 4000, seed=0)
 
 
-def train(split, tmp_path, name, **overrides):
-    cfg = TrainConfig(**{"epochs": 2, "batch_size": 64, "storage_path": str(tmp_path), **overrides})
-    return fit(cfg.replace(run_name=name), split)
+def train(split, tmp_path, name, workers=1, **overrides):
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 64, "storage_path": str(tmp_path), "run_name": name, **overrides})
+    return fit(cfg, TrainPlan(num_workers=workers, min_workers=workers, cpus_per_worker=1, use_gpu=False), split)
 
 
-def losses(result):
-    return result.metrics_dataframe.sort_values("epoch")["loss"].tolist()
+def losses(fitted):
+    return [record["loss"] for record in fitted.history]
 
 
 def test_shards_cover_the_data_once_and_agree_across_ranks():
@@ -48,21 +50,29 @@ def test_step_count_depends_on_the_global_batch_only(world_size):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_training_lowers_the_loss(ray_local, small_train, tmp_path, workers):
-    result = train(small_train, tmp_path, f"w{workers}", num_workers=workers, cpus_per_worker=1)
-    first, second = losses(result)
+    fitted = train(small_train, tmp_path, f"w{workers}", workers=workers)
+    first, second = losses(fitted)
     assert second < first
-    assert result.metrics["accuracy"] > 0.6  # global over all ranks' shards, not one worker's
-    model, classes = checkpoint.load_model(result.checkpoint.path)
+    assert fitted.history[-1]["accuracy"] > 0.6  # global over all ranks' shards, not one worker's
+    assert fitted.history[-1]["workers"] == workers
+    model, classes = checkpoint.load_model(fitted.checkpoint.path)
     assert classes == list(data.CLASSES)
 
 
 def test_same_seed_and_workers_give_the_same_metrics(ray_local, small_train, tmp_path):
-    a = train(small_train, tmp_path, "a", num_workers=2, cpus_per_worker=1, seed=3)
-    b = train(small_train, tmp_path, "b", num_workers=2, cpus_per_worker=1, seed=3)
-    c = train(small_train, tmp_path, "c", num_workers=2, cpus_per_worker=1, seed=4)
+    a = train(small_train, tmp_path, "a", workers=2, seed=3)
+    b = train(small_train, tmp_path, "b", workers=2, seed=3)
+    c = train(small_train, tmp_path, "c", workers=2, seed=4)
     assert losses(a) == losses(b)
-    assert a.metrics["accuracy"] == b.metrics["accuracy"]
+    assert a.history[-1]["accuracy"] == b.history[-1]["accuracy"]
     assert losses(a) != losses(c)
+
+
+def test_history_keeps_every_epoch_beyond_the_checkpoints_ray_keeps(ray_local, real_data, tmp_path):
+    # Ray Train keeps 2 checkpoints (and their metrics); a run of 3 epochs must still have 3 records.
+    fitted = train(real_subset(real_data, 1000, seed=2), tmp_path, "three", epochs=3)
+    assert [record["epoch"] for record in fitted.history] == [1, 2, 3]
+    assert len(list((tmp_path / "three").glob("checkpoint_*"))) == 2
 
 
 def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_local, small_train, tmp_path):
@@ -70,7 +80,7 @@ def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_loc
     from ray.util.state import list_actors
 
     before = signal.getsignal(signal.SIGINT)
-    train(small_train, tmp_path, "ctrl-c", epochs=1, num_workers=1, cpus_per_worker=1)
+    train(small_train, tmp_path, "ctrl-c", epochs=1)
     assert signal.getsignal(signal.SIGINT) is before
 
     def alive_controllers():

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from clf.config import first_line
+from clf.errors import first_line
 from clf.data import IMAGE_SIZE
 
 # Fashion-MNIST trimmed "edges close to the colour of the corner pixels" at a 5% distance; photos with

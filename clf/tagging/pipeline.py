@@ -1,7 +1,7 @@
 """Tag a catalog: photo files in, one row per file out, with the same predictor as test-set evaluation.
 
 Pipeline (Ray Data): the list of files -> tasks that read and decode each photo into the model's 28x28
-domain (`clf.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor`
+domain (`clf.tagging.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor`
 over an actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
 whole dataset on one unreadable file and drop nothing silently only by failing; here every file gets its
 row, a bad one with the reason. The driver collects the rows (no images: a few short columns), checks
@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import ray.data
 
 from clf import checkpoint as ckpt
-from clf import photos
-from clf.config import ClfError, ConfigError, TagConfig, first_line
+from clf import runtime
+from clf.config import TagConfig
 from clf.data import IMAGE_SIZE
+from clf.errors import ClfError, ConfigError, first_line
+from clf.infer import predict
+from clf.report import text_table
+from clf.runtime import InferPlan
+from clf.tagging import photos
 
 TOP_K = 3
 COLUMNS = [
@@ -137,78 +142,55 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
     return pd.DataFrame(rows)
 
 
-def actors_and_cpus(cfg: TagConfig) -> tuple[int, float]:
-    """Predictor actors and the CPUs each reserves; decoding tasks need CPUs the actors leave free."""
-    from clf.job import cluster_cpus_gpus
-
-    cpus, gpus = cluster_cpus_gpus()
-    if cfg.use_gpu:
-        if gpus < 1:
-            raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
-        return cfg.num_actors or gpus, 0
-    if cpus < 2:  # one CPU: an actor holding it whole would starve the decoding tasks for ever
-        return 1, 0.5
-    return cfg.num_actors or cpus - 1, 1
-
-
 def run(cfg: TagConfig) -> TagResult:
-    from clf.job import connect_ray, staged_output
-
     _, classes = ckpt.load_model(cfg.checkpoint)  # fail now, in one line, on one the actors could not load
     paths = list_inputs(cfg.input)
     output = Path(cfg.output)
-    with staged_output(output) as staging:
-        connect_ray()
-        rows, seconds = _tag(cfg, paths, classes, staging)
+    with runtime.staged_output(output) as staging:
+        runtime.connect()
+        plan = runtime.plan_tagging(cfg, runtime.cluster_nodes())
+        print(f"tagging {len(paths):,} files from {cfg.input} with {plan.num_actors} predictor actor(s)", flush=True)
+        started = time.perf_counter()
+        rows = _collect(_tag(cfg, plan, paths, classes), len(paths), started)
+        seconds = time.perf_counter() - started
+        _write(rows, staging / cfg.tags_name, cfg.format)
     return TagResult(rows=rows, output=output, seconds=seconds)
 
 
-def _tag(cfg: TagConfig, paths: list[str], classes: list[str], staging: Path) -> tuple[pd.DataFrame, float]:
-    import ray.data
-
-    from clf.infer import predict
-
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    num_actors, cpus_per_actor = actors_and_cpus(cfg)
-    print(f"tagging {len(paths):,} files from {cfg.input} with {num_actors} predictor actor(s)", flush=True)
-    started = time.perf_counter()
+def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], classes: list[str]) -> ray.data.Dataset:
+    """The Ray Data job: read and convert each file (tasks), predict (actors), rows of tags."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
     blocks = max(1, min(len(paths), -(-len(paths) // cfg.batch_size)))
     prepared = ray.data.from_pandas(listing).repartition(blocks).map_batches(
-        read_and_prepare, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus_per_actor or 1
+        read_and_prepare, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
     )
-    tagged = predict(
-        prepared,
-        os.path.abspath(cfg.checkpoint),
-        batch_size=cfg.batch_size,
-        num_actors=num_actors,
-        use_gpu=cfg.use_gpu,
-        cpus_per_actor=cpus_per_actor,
-        top_k=TOP_K,
-    ).map_batches(
+    return predict(prepared, os.path.abspath(cfg.checkpoint), plan, cfg.batch_size, top_k=TOP_K).map_batches(
         to_rows, fn_kwargs={"classes": classes, "review_threshold": cfg.review_threshold}, batch_format="pandas"
     )
 
+
+def _collect(tagged: ray.data.Dataset, count: int, started: float) -> pd.DataFrame:
+    """The rows on the driver, in input order, with a progress line now and then; exactly one per input."""
     parts, done, last_report = [], 0, time.perf_counter()
     for part in tagged.iter_batches(batch_size=None, batch_format="pandas"):
         parts.append(part)
         done += len(part)
         if time.perf_counter() - last_report > PROGRESS_EVERY_S:
             last_report = time.perf_counter()
-            print(f"  {done:,} of {len(paths):,} files ({done / (last_report - started):,.0f} files/s)", flush=True)
-    seconds = time.perf_counter() - started
+            print(f"  {done:,} of {count:,} files ({done / (last_report - started):,.0f} files/s)", flush=True)
     rows = pd.concat(parts, ignore_index=True).sort_values("index", ignore_index=True)
     # Every input exactly once: never a result that looks complete and is not.
-    if len(rows) != len(paths) or not np.array_equal(rows["index"].to_numpy(), np.arange(len(paths))):
-        raise ClfError(f"tagging returned {len(rows)} rows for {len(paths)} files")
-    rows = rows[COLUMNS]
+    if len(rows) != count or not np.array_equal(rows["index"].to_numpy(), np.arange(count)):
+        raise ClfError(f"tagging returned {len(rows)} rows for {count} files")
+    return rows[COLUMNS]
 
-    written, target = ray.data.from_pandas(rows), str(staging / cfg.tags_name)
-    if cfg.format == "csv":
-        written.write_csv(target)
+
+def _write(rows: pd.DataFrame, target: Path, fmt: str) -> None:
+    written = ray.data.from_pandas(rows)
+    if fmt == "csv":
+        written.write_csv(str(target))
     else:
-        written.write_parquet(target)
-    return rows, seconds
+        written.write_parquet(str(target))
 
 
 def summary(result: TagResult, review_threshold: float) -> str:
@@ -219,9 +201,7 @@ def summary(result: TagResult, review_threshold: float) -> str:
     ]
     counts = rows.loc[rows["error"] == "", "tag"].value_counts()
     if len(counts):
-        width = max(len("tag"), *(len(t) for t in counts.index))
-        lines.append(f"{'tag':<{width}}  count")
-        lines += [f"{tag:<{width}}  {n:5,}" for tag, n in counts.items()]
+        lines.append(text_table(counts.rename_axis("tag").reset_index(name="count")))
     lines.append(f"needs review (confidence below {review_threshold:.2f}): {int(rows['needs_review'].sum()):,}")
     reasons = collections.Counter(e.split(" (")[0] for e in rows["error"] if e)
     failed = f"failed: {result.failed:,}"

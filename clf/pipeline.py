@@ -1,0 +1,113 @@
+"""The training job, top to bottom: load the data, connect to Ray and plan, fit, evaluate the test set,
+compute the metrics, write the outputs.
+
+`run()` is what `jobs/train.py` calls and what Python users call. Outputs are written into a hidden folder
+beside `--output` and renamed into place only when all of them are written, so a folder named like a run
+is always a complete run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from clf import data, infer, metrics, report, runtime, trainer
+from clf.config import TrainConfig
+from clf.runtime import InferPlan, TrainPlan
+
+
+@dataclass(frozen=True)
+class RunResult:
+    predictions: list[int]  # predicted class of each test image, in test-set order
+    accuracy: float
+    precision: list[float]  # per class, class-index order
+    recall: list[float]
+    classes: list[str]
+    output: Path
+    history: list[dict] = field(default_factory=list)  # the record of every epoch
+    timings: dict = field(default_factory=dict)  # seconds per phase
+
+
+class Stopwatch:
+    """Seconds per phase of the run, for metrics.json's `timings`."""
+
+    def __init__(self):
+        self.started, self.timings = time.perf_counter(), {}
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 3)
+
+    def total(self) -> dict:
+        return self.timings | {"total_s": round(time.perf_counter() - self.started, 3)}
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    clock = Stopwatch()
+    output = Path(cfg.output) if cfg.output else runtime.default_output()
+    cfg = dataclasses.replace(cfg, output=str(output), run_name=cfg.run_name or runtime.new_run_name(output))
+    with runtime.staged_output(output) as staging:
+        with clock.phase("load_data_s"):
+            dataset = data.load(cfg.data_dir, cfg.download)
+        with clock.phase("ray_start_s"):
+            runtime.connect()
+            train_plan = runtime.plan_training(cfg, runtime.cluster_nodes())
+        print(trainer.resume_notice(cfg), flush=True)
+        print(f"training on {len(dataset.train.labels):,} images from {dataset.source}: {train_plan.describe()}, "
+              f"{cfg.epochs} epoch(s)", flush=True)
+        with clock.phase("train_s"):
+            fitted = trainer.fit(cfg, train_plan, dataset.train)
+        if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
+            print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
+        with clock.phase("inference_s"):
+            infer_plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # after training: a node may be gone
+            rows = infer.evaluate(fitted.checkpoint, dataset.test, infer_plan, cfg.infer_batch_size)
+        scores = metrics.compute(rows["label"], rows["prediction"], len(data.CLASSES))
+        with clock.phase("write_s"):
+            fitted.checkpoint.to_directory(str(staging / "checkpoint"))
+            _write(staging, cfg, (train_plan, infer_plan), dataset, fitted.history, rows, scores, clock)
+    print(report.history_table(fitted.history), flush=True)
+    print(report.table(scores, data.CLASSES), flush=True)
+    return RunResult(rows["prediction"].tolist(), scores.accuracy, scores.precision, scores.recall,
+                     list(data.CLASSES), output, fitted.history, clock.total())
+
+
+def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], dataset: data.FashionMNIST,
+           history: list[dict], rows: pd.DataFrame, scores: metrics.Metrics, clock: Stopwatch) -> None:
+    """predictions.parquet, the run report, and metrics.json last."""
+    train_plan, infer_plan = plans
+    provenance = report.provenance()
+    report.write_predictions(folder / "predictions.parquet", rows)
+    facts = {
+        "run": cfg.run_name, "epochs": cfg.epochs, "workers": train_plan.describe(), "data": dataset.source,
+        "finished": datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": provenance["git_commit"] or "unknown",
+    }
+    report.write_run_report(folder, scores, data.CLASSES, history, _confident_mistakes(rows, dataset.test), facts)
+    report.write_metrics(folder / "metrics.json", scores, data.CLASSES, {
+        "config": dataclasses.asdict(cfg),
+        "plan": {"training": dataclasses.asdict(train_plan), "inference": dataclasses.asdict(infer_plan)},
+        "data_source": dataset.source,
+        "history": history,
+        "timings": clock.total(),
+        "provenance": provenance,
+    })
+
+
+def _confident_mistakes(rows: pd.DataFrame, test: data.Split, count: int = 24) -> dict:
+    wrong = rows[rows["prediction"] != rows["label"]].sort_values("confidence", ascending=False).head(count)
+    ids = wrong["id"].to_numpy()
+    return {
+        "images": test.images[ids],
+        "id": ids,
+        "label": wrong["label"].to_numpy(),
+        "prediction": wrong["prediction"].to_numpy(),
+        "confidence": wrong["confidence"].to_numpy(),
+    }

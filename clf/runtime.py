@@ -1,0 +1,273 @@
+"""Everything Ray-the-process, and the only module that knows Ray's process-level quirks.
+
+- connect(): join RAY_ADDRESS or start an embedded Ray that listens on loopback only;
+- cluster_nodes(): the cluster's resources per alive node; plan_*(): pure functions from settings and
+  nodes to a fully resolved plan (no None left), unit-tested without Ray;
+- staged_output(): outputs that appear whole or not at all;
+- the work-arounds around Ray Train's fit() (health checks, the Ctrl-C handler it leaves behind, how its
+  errors become ours), each with the reason and the Ray version it was checked against (2.60).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import ray._private.ray_constants
+import ray.data
+import ray.exceptions
+from ray.train import ControllerError, WorkerGroupError
+from ray.train.v2._internal.exceptions import RayTrainError  # Ray Train's own failures (2.60: not public)
+
+from clf.config import TagConfig, TrainConfig
+from clf.errors import ClfError, ConfigError, first_line
+
+# --- Connecting ------------------------------------------------------------------------------------------
+
+# Ray swaps 127.0.0.1 for the machine's outward address, and binds its servers to every interface, unless
+# it runs in its single-machine mode (the one it uses on macOS and Windows). Ray 2.60 reads this variable
+# once, when `ray` is imported, into `ray_constants.ENABLE_RAY_CLUSTER`; connect() sets both, so the order
+# of imports does not matter, and the processes Ray starts inherit the variable.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# The dashboard is started (on loopback) because it serves the state API Ray Train's clean-up relies on.
+LOCAL_RAY = dict(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def loopback_mode() -> None:
+    """Make every Ray server this process starts listen on 127.0.0.1 (see LOOPBACK_ENV)."""
+    os.environ.update(LOOPBACK_ENV)
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def connect() -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+    else:
+        loopback_mode()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # "local" even when a `ray start` cluster runs on this machine: joining one is asked for
+            # explicitly, with RAY_ADDRESS.
+            ray.init(**LOCAL_RAY)
+    except Exception as e:  # Ray raises plain Exception for a dashboard that does not start (2.60)
+        ray.shutdown()  # stop whatever part of a local Ray did start
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise ClfError(f"could not start or join {where}: {first_line(e)}") from None
+    # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a cluster address nobody answers at: ray.init would retry for many minutes."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClfError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e.strerror or e})") from None
+
+
+# --- Resources and the plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node's whole CPUs and GPUs."""
+
+    cpus: int
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    num_workers: int
+    min_workers: int  # equal to num_workers unless the run is elastic
+    cpus_per_worker: int
+    use_gpu: bool
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.num_workers
+
+    def describe(self) -> str:
+        return f"{self.num_workers} worker(s) x {self.cpus_per_worker} CPU{' + 1 GPU' if self.use_gpu else ''}"
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    num_actors: int
+    cpus_per_actor: float  # a fraction shares a CPU; whole CPUs are also the actor's torch threads
+    use_gpu: bool
+
+
+def cluster_nodes() -> list[Node]:
+    """The connected cluster's alive nodes and their resources."""
+    return [
+        Node(cpus=int(n["Resources"].get("CPU", 0)), gpus=int(n["Resources"].get("GPU", 0)))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def plan_training(cfg: TrainConfig, nodes: list[Node]) -> TrainPlan:
+    """Workers and CPUs each, from the settings and the cluster's nodes; refuses what cannot fit."""
+    cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    if cfg.use_gpu:
+        if gpus < 1:
+            raise ConfigError(
+                "--use-gpu was given but the Ray cluster has no GPU (on an autoscaling cluster keep at "
+                "least one GPU node up)"
+            )
+        num_workers = cfg.num_workers or gpus
+        # The GPU does the arithmetic; a thread or two keeps it fed from the in-memory shard.
+        cpus_per_worker = cfg.cpus_per_worker or 1
+    else:
+        num_workers = cfg.num_workers or 1
+        cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // num_workers)
+    min_workers = cfg.min_workers or num_workers
+    if min_workers > num_workers:
+        raise ConfigError(f"--min-workers {min_workers} is more than the {num_workers} workers of the run")
+    # An elastic run starts with what fits, down to its minimum.
+    if cfg.use_gpu and min_workers > gpus:
+        raise ConfigError(f"--num-workers {min_workers} with --use-gpu needs {min_workers} GPUs; the cluster has {gpus}")
+    if min_workers * cpus_per_worker > cpus:
+        raise ConfigError(
+            f"{min_workers} workers x {cpus_per_worker} CPUs need {min_workers * cpus_per_worker} CPUs; "
+            f"the cluster has {cpus}"
+        )
+    return TrainPlan(num_workers, min_workers, cpus_per_worker, cfg.use_gpu)
+
+
+def plan_inference(cfg: TrainConfig, nodes: list[Node]) -> InferPlan:
+    """Inference actors for the test set, from the cluster as it is now (after training: a node may be gone)."""
+    if cfg.use_gpu:
+        return InferPlan(cfg.num_infer_actors or max(1, sum(n.gpus for n in nodes)), 0, True)
+    # One single-threaded actor per CPU: faster than fewer multi-threaded ones for a model this small. The
+    # test set is already in memory, so no task upstream needs a CPU of its own.
+    return InferPlan(cfg.num_infer_actors or max(1, sum(n.cpus for n in nodes)), 1, False)
+
+
+def plan_tagging(cfg: TagConfig, nodes: list[Node]) -> InferPlan:
+    """Predictor actors for photos; the tasks that read and decode them need CPUs the actors leave free."""
+    cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    if cfg.use_gpu:
+        if gpus < 1:
+            raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
+        return InferPlan(cfg.num_actors or gpus, 0, True)
+    if cpus < 2:  # one CPU: an actor holding it whole would starve the decoding tasks for ever
+        return InferPlan(1, 0.5, False)
+    return InferPlan(cfg.num_actors or cpus - 1, 1, False)
+
+
+# --- Outputs ---------------------------------------------------------------------------------------------
+
+
+def default_output(now: datetime | None = None) -> Path:
+    return Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def new_run_name(output: Path) -> str:
+    """A run name never used before: a new run must never resume an earlier one by accident."""
+    return f"{output.name}-{secrets.token_hex(3)}"
+
+
+@contextmanager
+def staged_output(output: Path):
+    """The temporary folder to fill in place of `output`: renamed to `output` when the block ends, removed
+    when it raises (Ctrl-C included), so a folder named `output` is always complete."""
+    staging = _prepare_output(output)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(output)
+
+
+def _prepare_output(output: Path) -> Path:
+    """Refuse an existing output; return the temporary folder to fill, beside it on the same disk."""
+    if output.exists():
+        raise ConfigError(f"--output {output} exists already; choose a new folder (runs are never overwritten)")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as e:
+        raise ConfigError(f"--output {output} cannot be written ({e.strerror or e})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder gets the usual mode
+    return staging
+
+
+# --- Ray Train's fit() -----------------------------------------------------------------------------------
+
+# The controller checks on the workers this often (Ray's default: 2 s). The end of training is noticed at
+# the next check, so on short runs the default adds a second on average. Ray Train passes the variable from
+# the driver to the controller and the workers.
+HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+# After a failure a run of fixed size waits for all its workers to be placed again; each wait lasts
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) and counts as a controller failure. This many
+# (about ten minutes: time for an autoscaler to bring a replacement node) and the run fails with a clear
+# message instead of waiting for ever on a cluster that will not grow. Ray's default: no limit.
+PLACEMENT_WAITS = 10
+
+
+def prepare_fit() -> None:
+    for key, value in HEALTH_CHECK_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def ctrl_c_kept():
+    """Ray Train's fit() (2.60) installs a Ctrl-C handler that holds the controller actor's handle and stays
+    after fit() returns, which keeps the finished controller (about 0.4 GiB) alive through inference;
+    putting the previous handler back lets Ray end it, and Ctrl-C after training means what it did before."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if before is not None and signal.getsignal(signal.SIGINT) is not before:
+            signal.signal(signal.SIGINT, before)
+
+
+def training_failure(error: Exception) -> Exception:
+    """What a failed fit() means, decided by the original exception's type: a ClfError for the failures we
+    expect (a ClfError raised in a worker, a worker that died past --max-failures, workers Ray could not
+    place), else `error` itself, a bug to show with its traceback (Ray's message carries the worker's)."""
+    if isinstance(error, ControllerError):
+        failure = error.controller_failure
+        # Ray 2.60 names the "could not place the workers again" failure only by this private class.
+        if type(failure).__name__ == "WorkerGroupStartupTimeoutError":
+            return ClfError(
+                f"training failed: after a failure, {failure.num_workers} workers could not be placed again "
+                f"in {PLACEMENT_WAITS + 1} tries (a node lost for good?); with --min-workers a run goes on "
+                "with the workers that fit"
+            )
+        return ClfError(f"training failed: {first_line(failure)}")
+    if isinstance(error, WorkerGroupError):
+        for rank, failure in sorted(error.worker_failures.items()):
+            if isinstance(failure, ClfError):
+                return type(failure)(f"training failed on worker {rank}: {first_line(failure)}")
+        for rank, failure in sorted(error.worker_failures.items()):
+            if isinstance(failure, (ray.exceptions.RayError, RayTrainError)):  # a dead actor, a failed health check
+                return ClfError(f"training failed: worker {rank} died ({first_line(failure)})")
+    return error

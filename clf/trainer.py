@@ -1,0 +1,209 @@
+"""fit(): the TorchTrainer around `clf.train`'s loop, the guard that resumes a run only with its own
+settings, and the history of every epoch.
+
+Data: the driver puts the uint8 training arrays (47 MB) in Ray's object store once; each worker maps them
+zero-copy from its node's store (one transfer per node). Each epoch every rank calls `ray.train.report`
+(a barrier) and rank 0 attaches a checkpoint whose train state holds the history of every epoch so far:
+Ray Train keeps only the latest checkpoints (and their metrics), the history is whole in each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from clf import checkpoint as ckpt
+from clf import runtime
+from clf.config import TrainConfig
+from clf.data import CLASSES, Split
+from clf.errors import ClfError, ConfigError
+from clf.runtime import TrainPlan
+from clf.train import Learner, make_learner, new_model, train_epochs
+
+# The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
+RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
+
+
+@dataclass(frozen=True)
+class Fitted:
+    checkpoint: ray.train.Checkpoint  # the final model
+    history: list[dict]  # one record per epoch of the whole run, resumed attempts included
+
+
+# --- On each worker --------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = TrainConfig(**loop_config["config"])
+    # Ray starts workers with OMP_NUM_THREADS=1; give torch the CPUs this worker reserved.
+    torch.set_num_threads(loop_config["threads"])
+    ctx = ray.train.get_context()
+    rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    images, labels = (ray.get(ref) for ref in loop_config["train"])
+
+    model, state = new_model(cfg), None
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as folder:
+            model, _ = ckpt.load_model(folder)
+            state = ckpt.load_train_state(folder)
+        if rank == 0:
+            _say(f"resumed from the checkpoint after epoch {state['epoch']}")
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world_size > 1
+    learner = make_learner(cfg, model, len(labels), state)
+    start_epoch = state["epoch"] if state else 0
+    history = list(state["history"]) if state else []
+
+    def report(record: dict) -> None:
+        # 0: this attempt started from scratch; fewer workers than asked after a lost node, if elastic.
+        record |= {"resumed_from_epoch": start_epoch, "workers": world_size}
+        history.append(record)
+        _report(record, learner, history, rank, cfg)
+
+    train_epochs(learner, images, labels, cfg, start_epoch=start_epoch, rank=rank, world_size=world_size,
+                 device=device, reduce=_all_reduce, after_epoch=report)
+
+
+def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks, so the figures reported are for all the data, not rank 0's shard."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.cpu()
+
+
+def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg: TrainConfig) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, as the weights agree."""
+    if rank != 0:
+        ray.train.report(record)
+        return
+    _say(
+        f"epoch {record['epoch']}/{cfg.epochs}  loss {record['loss']:.4f}  "
+        f"train accuracy {record['accuracy']:.4f}  {record['images_per_s']:,.0f} images/s  "
+        f"{record['elapsed_s']:.1f} s"
+    )
+    with tempfile.TemporaryDirectory(prefix="clf-ckpt-") as folder:
+        train_state = {
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "epoch": record["epoch"],  # epochs completed
+            "settings": run_settings(cfg),
+            "history": history,
+        }
+        ckpt.save(folder, learner.model, CLASSES, train_state)
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Ray Train's
+    patched print() would echo it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# --- On the driver ---------------------------------------------------------------------------------------
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    return {name: getattr(cfg, name) for name in RESUME_SETTINGS}
+
+
+def storage_uri(storage_path: str | None) -> str:
+    """Ray Train's storage as an absolute path or a URI (s3://, gs://)."""
+    from ray.train.constants import DEFAULT_STORAGE_PATH
+
+    if storage_path is None:
+        return DEFAULT_STORAGE_PATH
+    if "://" in storage_path:
+        return storage_path
+    return os.path.abspath(os.path.expanduser(storage_path))
+
+
+def run_folder(cfg: TrainConfig) -> str:
+    return f"{storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
+
+
+def resume_notice(cfg: TrainConfig) -> str:
+    """What becomes of this run name: a new run, or the resumption of an earlier one of the same name in the
+    storage (refused, with ConfigError, when that one was started with other settings)."""
+    earlier = _previous_run(cfg)
+    if earlier is None:
+        return (f"run {cfg.run_name}: checkpoints in {run_folder(cfg)} "
+                f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)")
+    before, now = earlier.get("settings", {}), run_settings(cfg)
+    changed = [f"{name} {before.get(name)!r} -> {now[name]!r}" for name in now if before.get(name) != now[name]]
+    if changed:
+        raise ConfigError(
+            f"run {cfg.run_name!r} in {storage_uri(cfg.storage_path)} was started with other settings "
+            f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
+        )
+    if earlier["epoch"] >= cfg.epochs:
+        return f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): evaluating its final model"
+    return f"run {cfg.run_name} has a checkpoint after epoch {earlier['epoch']}: resuming from it"
+
+
+def _previous_run(cfg: TrainConfig) -> dict | None:
+    """The train state of the latest checkpoint of an earlier run of this name in the storage, if any."""
+    try:
+        earlier = Result.from_path(run_folder(cfg))
+    except RuntimeError:  # no such run folder, or no checkpoint registered in it
+        return None
+    if earlier.checkpoint is None:
+        return None
+    with earlier.checkpoint.as_directory() as folder:
+        return ckpt.load_train_state(folder)
+
+
+def fit(cfg: TrainConfig, plan: TrainPlan, train: Split) -> Fitted:
+    """Train with a TorchTrainer on the connected Ray cluster, as `plan` says."""
+    runtime.prepare_fit()
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": dataclasses.asdict(cfg),
+            "threads": plan.cpus_per_worker,
+            # Put once by the driver; workers read them from the object store instead of the disk.
+            "train": (ray.put(train.images), ray.put(train.labels)),
+        },
+        scaling_config=ScalingConfig(
+            # Elastic: start with what can be placed, down to min_workers; after a lost node, wait for a
+            # replacement only as long as RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), then go on with
+            # the workers that fit.
+            num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_uri(cfg.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=runtime.PLACEMENT_WAITS
+            ),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
+        ),
+    )
+    with runtime.ctrl_c_kept():
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            failure = runtime.training_failure(e)
+            if failure is e:
+                raise  # a bug of ours: its traceback, and the worker's in Ray's message
+            raise failure from None
+    if result.checkpoint is None:
+        raise ClfError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        history = ckpt.load_train_state(folder).get("history", [])  # none in older checkpoints
+    return Fitted(result.checkpoint, history)

@@ -1,0 +1,55 @@
+"""Programs the tests run in a process of their own, as a user's script would be run.
+
+    python -m tests.programs run-one-epoch OUTPUT STORAGE
+    python -m tests.programs predict-without-ray CHECKPOINT IMAGES.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def run_one_epoch(output: str, storage: str) -> None:
+    """`clf.pipeline.run()` for one epoch on the real data, with its embedded Ray; prints RESULT {json}."""
+    from clf.config import TrainConfig
+    from clf.pipeline import run
+
+    r = run(TrainConfig(epochs=1, output=output, storage_path=storage))
+    result = {"predictions": r.predictions, "accuracy": r.accuracy, "precision": r.precision,
+              "recall": r.recall, "classes": r.classes, "output": str(r.output)}
+    print("RESULT " + json.dumps(result))
+
+
+def predict_without_ray(checkpoint: str, images: str) -> None:
+    """A checkpoint's predictions for images saved with numpy, in a process that never imports Ray."""
+    import numpy as np
+    import torch
+
+    from clf.checkpoint import load_model
+    from clf.data import preprocess
+
+    model, _ = load_model(checkpoint)
+    assert "ray" not in sys.modules, "loading a checkpoint must not need Ray"
+    print(json.dumps(model(preprocess(torch.from_numpy(np.load(images)))).argmax(1).tolist()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    commands = p.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("run-one-epoch")
+    one.add_argument("output")
+    one.add_argument("storage")
+    predict = commands.add_parser("predict-without-ray")
+    predict.add_argument("checkpoint")
+    predict.add_argument("images")
+    args = p.parse_args()
+    if args.command == "run-one-epoch":
+        run_one_epoch(args.output, args.storage)
+    else:
+        predict_without_ray(args.checkpoint, args.images)
+
+
+if __name__ == "__main__":
+    main()
