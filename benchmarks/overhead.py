@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,14 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     return wall, peak, out
 
 
+def cpu_model() -> str:
+    """The processor's name: the ratios move with it."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=2)
@@ -93,7 +102,8 @@ def main() -> None:
                    "timings": m["timings"]}
         rows.append((seed, plain, ray_run))
 
-    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; epochs {args.epochs}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+          f"epochs {args.epochs}")
     print(f"{'seed':>4}  {'':5}  {'train s':>8}  {'whole s':>8}  {'peak GiB':>8}  {'accuracy':>8}")
     for seed, plain, ray_run in rows:
         for name, r in (("plain", plain), ("ray", ray_run)):

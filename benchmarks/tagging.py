@@ -36,18 +36,13 @@ def plain(checkpoint_dir: str, images: np.ndarray, batch_size: int) -> float:
 
 
 def with_ray(checkpoint_dir: str, split: data.Split, cfg: TrainConfig) -> float:
-    import ray
-
+    from clf import runtime
     from clf.infer import predict
-    from clf.job import connect_ray, resolve_inference
 
-    connect_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = resolve_inference(cfg)  # the actor count the job would use
+    runtime.connect()
+    plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # the actors the job would use
     started = time.perf_counter()  # actor start-up included: it is part of every tagging run
-    dataset = data.to_ray_dataset(split)
-    tagged = predict(dataset, checkpoint_dir, batch_size=cfg.infer_batch_size, num_actors=cfg.num_infer_actors,
-                     use_gpu=False, cpus_per_actor=1)
+    tagged = predict(data.to_ray_dataset(split), checkpoint_dir, plan, cfg.infer_batch_size)
     count = sum(len(b["prediction"]) for b in tagged.iter_batches(batch_size=None))
     assert count == len(split.labels), count
     return count / (time.perf_counter() - started)

@@ -8,7 +8,7 @@ import dataclasses
 import types
 import typing
 
-from clf.errors import ConfigError, SettingError
+from clf.errors import ConfigError, SettingError, run_job
 
 
 def flag(name: str) -> str:
@@ -70,3 +70,13 @@ def parse(config_class, description: str, argv=None):
         parser.error(f"argument {flag(e.setting)}: {e.problem}")
     except ConfigError as e:
         parser.error(str(e))
+
+
+def main(prog: str, config_class, description: str, job, argv=None) -> int:
+    """A job's whole command line: the config from the flags, `job(config)` run, the line it returns printed;
+    the exit code (see `clf.errors.run_job`)."""
+    cfg = parse(config_class, description, argv)
+    code, last_line = run_job(prog, lambda: job(cfg))
+    if last_line:
+        print(last_line)
+    return code

@@ -17,20 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from clf import cli  # noqa: E402
 from clf.config import TagConfig  # noqa: E402
-from clf.errors import run_job  # noqa: E402
 
-DESCRIPTION = "Tag product photos with a trained clothing classifier (Ray Data batch inference)."
+
+def tag(cfg: TagConfig) -> str:
+    from clf.tagging import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
+
+    result = pipeline.run(cfg)
+    return f"{pipeline.summary(result, cfg.review_threshold)}\ntags in {result.output / cfg.tags_name}"
 
 
 def main(argv=None) -> int:
-    cfg = cli.parse(TagConfig, DESCRIPTION, argv)
-    from clf.tagging import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
-
-    code, result = run_job("tag.py", lambda: pipeline.run(cfg))
-    if result is not None:
-        print(pipeline.summary(result, cfg.review_threshold))
-        print(f"tags in {result.output / cfg.tags_name}")
-    return code
+    return cli.main("tag.py", TagConfig, "Tag product photos with a trained clothing classifier (Ray Data batch "
+                    "inference).", tag, argv)
 
 
 if __name__ == "__main__":

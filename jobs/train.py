@@ -15,19 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from clf import cli  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
-from clf.errors import run_job  # noqa: E402
 
-DESCRIPTION = "Train the Fashion-MNIST clothing classifier with Ray Train and report test metrics."
+
+def train(cfg: TrainConfig) -> str:
+    from clf import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
+
+    return f"outputs in {pipeline.run(cfg).output}"
 
 
 def main(argv=None) -> int:
-    cfg = cli.parse(TrainConfig, DESCRIPTION, argv)
-    from clf import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
-
-    code, result = run_job("train.py", lambda: pipeline.run(cfg))
-    if result is not None:
-        print(f"outputs in {result.output}")
-    return code
+    return cli.main("train.py", TrainConfig, "Train the Fashion-MNIST clothing classifier with Ray Train and "
+                    "report test metrics.", train, argv)
 
 
 if __name__ == "__main__":

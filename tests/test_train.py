@@ -1,11 +1,14 @@
 import signal
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from clf import checkpoint, data
+from clf import checkpoint, data, runtime
 from clf.config import TrainConfig
+from clf.errors import CheckpointError
 from clf.runtime import TrainPlan
 from clf.train import epoch_batches, shard_order
 from clf.trainer import fit
@@ -72,7 +75,7 @@ def test_history_keeps_every_epoch_beyond_the_checkpoints_ray_keeps(ray_local, r
     # Ray Train keeps 2 checkpoints (and their metrics); a run of 3 epochs must still have 3 records.
     fitted = train(real_subset(real_data, 1000, seed=2), tmp_path, "three", epochs=3)
     assert [record["epoch"] for record in fitted.history] == [1, 2, 3]
-    assert len(list((tmp_path / "three").glob("checkpoint_*"))) == 2
+    assert len([p for p in (tmp_path / "three").glob("checkpoint_*") if p.is_dir()]) == 2
 
 
 def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_local, small_train, tmp_path):
@@ -90,3 +93,34 @@ def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_loc
     while alive_controllers() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not alive_controllers()
+
+
+def test_a_clf_error_raised_in_a_worker_reaches_the_driver_as_one_line(ray_local, real_data, tmp_path):
+    # A real one: the run's checkpoint in the storage is damaged, and the worker that resumes from it fails.
+    split = real_subset(real_data, 500, seed=3)
+    first = train(split, tmp_path, "damaged", epochs=1)
+    (Path(first.checkpoint.path) / checkpoint.WEIGHTS).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"^training failed on worker 0: .*/damaged/checkpoint_.*/model\.pt"):
+        train(split, tmp_path, "damaged", epochs=2, max_failures=0)
+
+
+def zero_division_in_the_loop(config: dict) -> None:
+    print(1 / 0)
+
+
+def test_a_bug_in_a_worker_reaches_the_driver_with_its_type_and_traceback(ray_local, tmp_path):
+    import ray.cloudpickle
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+    trainer = TorchTrainer(
+        zero_division_in_the_loop,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="bug", storage_path=str(tmp_path), failure_config=FailureConfig(max_failures=0)),
+    )
+    with pytest.raises(WorkerGroupError) as caught:
+        trainer.fit()
+    assert isinstance(caught.value.worker_failures[0], ZeroDivisionError)
+    assert runtime.training_failure(caught.value) is caught.value  # a bug: shown as it is, never one line
+    assert "in zero_division_in_the_loop" in str(caught.value)  # with the worker's traceback
