@@ -134,7 +134,8 @@ class TagConfig:
     input: str = setting(help="a folder of product photos (every file in it and below gets a row), or a .parquet "
                               "or .csv file with a `path` column listing them (relative to that file's folder)",
                          check=a_path)
-    output: str = setting(help="new folder for tags.parquet (or tags.csv); an existing one is refused", check=a_path)
+    output: str = setting(help="new folder for the tags file, tags.parquet (or tags.csv); an existing one is refused",
+                          check=a_path)
     num_actors: int | None = setting(None, help="predictor actors. Default: one per CPU but one, which is left to "
                                                 "the tasks that read and decode the photos; one per GPU with "
                                                 "--use-gpu", check=at_least(1))
@@ -142,8 +143,8 @@ class TagConfig:
     use_gpu: bool = setting(False, help="one GPU per predictor actor")
     review_threshold: float = setting(0.6, help="rows whose confidence (the top class's probability) is below this "
                                                 "get needs_review", check=number_in(0, 1))
-    format: str = setting("parquet", help="tags.parquet (a folder of Parquet files) or tags.csv (a folder of CSV "
-                                          "files)", check=one_of(*TAG_FORMATS), choices=TAG_FORMATS)
+    format: str = setting("parquet", help="the tags as one tags.parquet or tags.csv file", check=one_of(*TAG_FORMATS),
+                          choices=TAG_FORMATS)
 
     def __post_init__(self) -> None:
         check_fields(self)

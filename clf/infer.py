@@ -27,6 +27,10 @@ class Predictor:
             # Ray sets OMP_NUM_THREADS=1 in its workers; use the CPUs this actor was given.
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        # Where this actor runs, on every row it predicts (metrics.json's placement).
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.node = context.get_node_id() if context else ""
+        self.actor = (context.get_actor_id() or "") if context else ""
         if isinstance(checkpoint, str):
             self.model, _ = load_model(checkpoint, self.device)
         else:
@@ -40,6 +44,8 @@ class Predictor:
         top_probs, top_classes = probs.topk(max(1, self.top_k), dim=1)
         batch["prediction"] = top_classes[:, 0].cpu().numpy().astype(np.int64)
         batch["confidence"] = top_probs[:, 0].cpu().numpy().astype(np.float32)
+        batch["node"] = np.full(len(images), self.node, dtype=object)
+        batch["actor"] = np.full(len(images), self.actor, dtype=object)
         if self.top_k:
             batch["top_classes"] = top_classes.cpu().numpy().astype(np.int64)  # (N, top_k), likeliest first
             batch["top_probs"] = top_probs.cpu().numpy().astype(np.float32)
@@ -48,7 +54,8 @@ class Predictor:
 
 def predict(dataset: ray.data.Dataset, checkpoint, plan: InferPlan, batch_size: int, top_k: int = 0) -> ray.data.Dataset:
     """The dataset's rows with `image` replaced by `prediction` (class index) and `confidence` (and with
-    `top_k`, `top_classes` and `top_probs`), mapped by `plan.num_actors` predictor actors."""
+    `top_k`, `top_classes` and `top_probs`), and `node` and `actor`, the Ray ids of where each row was
+    predicted; mapped by `plan.num_actors` predictor actors."""
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -69,6 +76,12 @@ def evaluate(checkpoint, test: Split, plan: InferPlan, batch_size: int) -> pd.Da
     """Tag every test image with the Ray Data predictor; rows (id, label, prediction, confidence) in id order."""
     rows = predict(to_ray_dataset(test), checkpoint, plan, batch_size).to_pandas()
     return check_complete(rows, test)
+
+
+def placement(rows: pd.DataFrame) -> list[dict]:
+    """Which actor predicted how many rows, on which node."""
+    counts = rows.groupby(["actor", "node"]).size().reset_index(name="rows")
+    return counts.to_dict(orient="records")
 
 
 def check_complete(rows: pd.DataFrame, test: Split) -> pd.DataFrame:

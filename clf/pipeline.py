@@ -59,10 +59,9 @@ def run(cfg: TrainConfig) -> RunResult:
             dataset = data.load(cfg.data_dir, cfg.download)
         with clock.phase("ray_start_s"):
             runtime.connect()
-            train_plan = runtime.plan_training(cfg, runtime.cluster_nodes())
-        print(trainer.resume_notice(cfg), flush=True)
-        print(f"training on {len(dataset.train.labels):,} images from {dataset.source}: {train_plan.describe()}, "
-              f"{cfg.epochs} epoch(s)", flush=True)
+            cluster = runtime.cluster_nodes()
+            train_plan = runtime.plan_training(cfg, cluster)
+        _announce(cfg, cluster, train_plan, dataset)
         with clock.phase("train_s"):
             fitted = trainer.fit(cfg, train_plan, dataset.train)
         if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
@@ -80,6 +79,20 @@ def run(cfg: TrainConfig) -> RunResult:
                      list(data.CLASSES), output, fitted.history, clock.total())
 
 
+def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, dataset: data.FashionMNIST) -> None:
+    for line in (
+        trainer.resume_notice(cfg),
+        trainer.storage_note(cfg, cluster),
+        f"training on {len(dataset.train.labels):,} images from {dataset.source}: {plan.describe()}, "
+        f"{cfg.epochs} epoch(s)",
+        plan.waits_for_nodes and f"waiting for the autoscaler to add nodes: {cluster.describe()} are up, too few "
+        f"for {plan.min_workers} worker(s); Ray Train tries to place them for about "
+        f"{runtime.PLACEMENT_WAITS + 1} minutes",
+    ):
+        if line:
+            print(line, flush=True)
+
+
 def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], dataset: data.FashionMNIST,
            history: list[dict], rows: pd.DataFrame, scores: metrics.Metrics, clock: Stopwatch) -> None:
     """predictions.parquet, the run report, and metrics.json last."""
@@ -94,6 +107,11 @@ def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], d
     report.write_metrics(folder / "metrics.json", scores, data.CLASSES, {
         "config": dataclasses.asdict(cfg),
         "plan": {"training": dataclasses.asdict(train_plan), "inference": dataclasses.asdict(infer_plan)},
+        # Ray node ids: each training worker's, by rank, in the last epoch; each inference actor's.
+        "placement": {
+            "training_workers": history[-1].get("nodes", []) if history else [],
+            "inference_actors": infer.placement(rows),
+        },
         "data_source": dataset.source,
         "history": history,
         "timings": clock.total(),

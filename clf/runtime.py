@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import ray
 import ray._private.ray_constants
+import yaml
 import ray.data
 import ray.exceptions
 from ray.train import ControllerError, WorkerGroupError
@@ -87,6 +89,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 # --- Resources and the plan ------------------------------------------------------------------------------
 
+# More nodes than an autoscaler will ever start in one group, for groups without a limit.
+UNBOUNDED = 1000
+
 
 @dataclass(frozen=True)
 class Node:
@@ -94,6 +99,34 @@ class Node:
 
     cpus: int
     gpus: int = 0
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Nodes of one shape that an autoscaler may run, up to `max_count` of them."""
+
+    cpus: int
+    gpus: int
+    max_count: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: tuple[Node, ...]  # alive now
+    # What an autoscaler may run (Ray's cluster config, or the cluster launcher's); None: nothing can grow.
+    groups: tuple[NodeGroup, ...] | None = None
+
+    def largest(self) -> list[Node]:
+        """The cluster at its largest: every group at its maximum, or as it is now if that is more."""
+        if not self.groups:
+            return list(self.nodes)
+        grown = [Node(g.cpus, g.gpus) for g in self.groups for _ in range(min(g.max_count, UNBOUNDED))]
+        return grown if len(grown) >= len(self.nodes) else list(self.nodes)
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{n.cpus}" + (f"+{n.gpus} GPU" if n.gpus else "") for n in self.nodes)
+        return f"{len(self.nodes)} node(s) of {shapes} CPUs"
 
 
 @dataclass(frozen=True)
@@ -102,6 +135,8 @@ class TrainPlan:
     min_workers: int  # equal to num_workers unless the run is elastic
     cpus_per_worker: int
     use_gpu: bool
+    placement: str = "PACK"  # Ray's placement group strategy for the workers
+    waits_for_nodes: bool = False  # more than the nodes up now hold: the autoscaler must add some
 
     @property
     def elastic(self) -> bool:
@@ -118,46 +153,116 @@ class InferPlan:
     use_gpu: bool
 
 
-def cluster_nodes() -> list[Node]:
-    """The connected cluster's alive nodes and their resources."""
-    return [
-        Node(cpus=int(n["Resources"].get("CPU", 0)), gpus=int(n["Resources"].get("GPU", 0)))
-        for n in ray.nodes()
-        if n.get("Alive")
-    ]
+def holds(nodes, cpus: int, gpus: int = 0) -> int:
+    """How many workers of `cpus` CPUs (and `gpus` GPUs) each the nodes hold, none split across nodes."""
+    return sum(min(n.cpus // cpus, n.gpus // gpus if gpus else n.cpus) for n in nodes)
 
 
-def plan_training(cfg: TrainConfig, nodes: list[Node]) -> TrainPlan:
-    """Workers and CPUs each, from the settings and the cluster's nodes; refuses what cannot fit."""
-    cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+def _default_cpu_worker(nodes) -> int:
+    """CPUs per worker when nothing is asked: the largest equal size that still uses at least 3/4 of the
+    cluster's CPUs. One node: one worker with all of it; nodes alike: one worker per node; a small head
+    beside big workers: the head is left out rather than every worker cut to its size."""
+    sizes = sorted({n.cpus for n in nodes if n.cpus > 0}, reverse=True)
+    best = max(size * holds(nodes, size) for size in sizes)
+    return next(size for size in sizes if size * holds(nodes, size) * 4 >= best * 3)
+
+
+def plan_training(cfg: TrainConfig, cluster: Cluster) -> TrainPlan:
+    """Workers and CPUs each, from the settings and the cluster's nodes; refuses what cannot fit, and
+    waits (a bounded wait: Ray Train's placement tries) only where an autoscaler can add what is missing."""
+    nodes, largest = list(cluster.nodes), cluster.largest()
+    if not any(n.cpus for n in largest):
+        raise ConfigError(f"the Ray cluster has no CPU for the training workers ({cluster.describe()})")
+    gpus = 1 if cfg.use_gpu else 0
     if cfg.use_gpu:
-        if gpus < 1:
+        if not any(n.gpus for n in largest):
             raise ConfigError(
-                "--use-gpu was given but the Ray cluster has no GPU (on an autoscaling cluster keep at "
-                "least one GPU node up)"
+                "--use-gpu was given but the Ray cluster has no GPU (and no autoscaler that can add one)"
             )
-        num_workers = cfg.num_workers or gpus
         # The GPU does the arithmetic; a thread or two keeps it fed from the in-memory shard.
         cpus_per_worker = cfg.cpus_per_worker or 1
+        num_workers = cfg.num_workers or max(1, sum(n.gpus for n in nodes))
+    elif cfg.cpus_per_worker:
+        cpus_per_worker = cfg.cpus_per_worker
+        num_workers = cfg.num_workers or max(1, holds(nodes, cpus_per_worker))
+    elif cfg.num_workers:
+        num_workers = cfg.num_workers
+        fitting = [c for c in range(1, max(n.cpus for n in nodes) + 1) if holds(nodes, c) >= num_workers]
+        cpus_per_worker = max(fitting, default=1)
     else:
-        num_workers = cfg.num_workers or 1
-        cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // num_workers)
+        cpus_per_worker = _default_cpu_worker(nodes)
+        num_workers = holds(nodes, cpus_per_worker)
     min_workers = cfg.min_workers or num_workers
     if min_workers > num_workers:
         raise ConfigError(f"--min-workers {min_workers} is more than the {num_workers} workers of the run")
-    # An elastic run starts with what fits, down to its minimum.
-    if cfg.use_gpu and min_workers > gpus:
-        raise ConfigError(f"--num-workers {min_workers} with --use-gpu needs {min_workers} GPUs; the cluster has {gpus}")
-    if min_workers * cpus_per_worker > cpus:
-        raise ConfigError(
-            f"{min_workers} workers x {cpus_per_worker} CPUs need {min_workers * cpus_per_worker} CPUs; "
-            f"the cluster has {cpus}"
+    plan = TrainPlan(num_workers, min_workers, cpus_per_worker, cfg.use_gpu,
+                     # CPU workers compete for their node's cores and memory bandwidth: one per node where
+                     # they can; GPU workers gain from sharing a node (NVLink, shared memory).
+                     placement="PACK" if cfg.use_gpu else "SPREAD")
+    if holds(nodes, cpus_per_worker, gpus) >= min_workers:  # an elastic run starts with what fits
+        return plan
+    if cluster.groups and holds(largest, cpus_per_worker, gpus) >= num_workers:
+        return dataclasses.replace(plan, waits_for_nodes=True)
+    if cfg.use_gpu and holds(largest, 1, 1) < num_workers:
+        raise ConfigError(f"--num-workers {min_workers} with --use-gpu needs {min_workers} GPUs; the cluster "
+                          f"has {sum(n.gpus for n in largest)}{' at its largest' if cluster.groups else ''}")
+    raise ConfigError(
+        f"{min_workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if gpus else ''} do not fit on "
+        f"{'the largest cluster the autoscaler may run' if cluster.groups else 'the cluster'} "
+        f"({Cluster(tuple(largest)).describe()}), which holds {holds(largest, cpus_per_worker, gpus)}; "
+        "no worker is split across nodes"
+    )
+
+
+def cluster_nodes() -> Cluster:
+    """The connected cluster: its alive nodes and what an autoscaler may add."""
+    nodes = tuple(
+        Node(int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)), n["NodeID"])
+        for n in ray.nodes()
+        if n.get("Alive")
+    )
+    return Cluster(nodes, autoscaler_groups())
+
+
+def autoscaler_groups() -> tuple[NodeGroup, ...] | None:
+    """The node groups an autoscaler of this cluster may run, or None where nothing can grow.
+
+    Two sources, checked against Ray 2.60: the cluster config an autoscaler reports to the GCS (autoscaler
+    v2, KubeRay's in-tree autoscaler; Ray Train reads the same to refuse workers that can never fit), read
+    through Ray's private `state.get_cluster_config()`; and the cluster launcher's own copy of the cluster
+    YAML on the head node, ~/ray_bootstrap_config.yaml (`ray up` writes it there, with the instance types'
+    CPUs and GPUs filled in), where jobs submitted to the head run.
+    """
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return tuple(
+            NodeGroup(int(g.resources.get("CPU", 0)), int(g.resources.get("GPU", 0)),
+                      g.max_count if g.max_count >= 0 else UNBOUNDED)
+            for g in config.node_group_configs
         )
-    return TrainPlan(num_workers, min_workers, cpus_per_worker, cfg.use_gpu)
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if bootstrap.is_file():
+        return launcher_groups(yaml.safe_load(bootstrap.read_text()))
+    return None
 
 
-def plan_inference(cfg: TrainConfig, nodes: list[Node]) -> InferPlan:
+def launcher_groups(config: dict) -> tuple[NodeGroup, ...]:
+    """The node groups of a cluster-launcher config: the head, and each worker type up to its max_workers
+    (and the cluster's max_workers in all)."""
+    cap = config.get("max_workers", UNBOUNDED)
+    groups = []
+    for name, node_type in config["available_node_types"].items():
+        resources = node_type.get("resources") or {}
+        count = 1 if name == config["head_node_type"] else min(node_type.get("max_workers", cap), cap)
+        groups.append(NodeGroup(int(resources.get("CPU", 0)), int(resources.get("GPU", 0)), count))
+    return tuple(groups)
+
+
+def plan_inference(cfg: TrainConfig, cluster: Cluster) -> InferPlan:
     """Inference actors for the test set, from the cluster as it is now (after training: a node may be gone)."""
+    nodes = cluster.nodes
     if cfg.use_gpu:
         return InferPlan(cfg.num_infer_actors or max(1, sum(n.gpus for n in nodes)), 0, True)
     # One single-threaded actor per CPU: faster than fewer multi-threaded ones for a model this small. The
@@ -165,8 +270,9 @@ def plan_inference(cfg: TrainConfig, nodes: list[Node]) -> InferPlan:
     return InferPlan(cfg.num_infer_actors or max(1, sum(n.cpus for n in nodes)), 1, False)
 
 
-def plan_tagging(cfg: TagConfig, nodes: list[Node]) -> InferPlan:
+def plan_tagging(cfg: TagConfig, cluster: Cluster) -> InferPlan:
     """Predictor actors for photos; the tasks that read and decode them need CPUs the actors leave free."""
+    nodes = cluster.nodes
     cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
     if cfg.use_gpu:
         if gpus < 1:

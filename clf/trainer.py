@@ -65,14 +65,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_epoch = state["epoch"] if state else 0
     history = list(state["history"]) if state else []
 
+    nodes = _node_of_each_rank()
+
     def report(record: dict) -> None:
         # 0: this attempt started from scratch; fewer workers than asked after a lost node, if elastic.
-        record |= {"resumed_from_epoch": start_epoch, "workers": world_size}
+        record |= {"resumed_from_epoch": start_epoch, "workers": world_size, "nodes": nodes}
         history.append(record)
         _report(record, learner, history, rank, cfg)
 
     train_epochs(learner, images, labels, cfg, start_epoch=start_epoch, rank=rank, world_size=world_size,
                  device=device, reduce=_all_reduce, after_epoch=report)
+
+
+def _node_of_each_rank() -> list[str]:
+    """The Ray node id each rank runs on, in rank order (the same list on every rank)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
@@ -133,6 +145,15 @@ def run_folder(cfg: TrainConfig) -> str:
     return f"{storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
 
 
+def storage_note(cfg: TrainConfig, cluster: runtime.Cluster) -> str | None:
+    """A line for a run on several nodes whose checkpoint storage is a local path: it works only if that path
+    is the same shared folder (NFS) on every node. Not an error: an NFS mount looks local."""
+    if len(cluster.nodes) < 2 or "://" in storage_uri(cfg.storage_path):
+        return None
+    return (f"note: {len(cluster.nodes)} nodes are alive and --storage-path {storage_uri(cfg.storage_path)} is a "
+            "local path: every node must see it as the same shared folder (NFS), or use s3:// or gs://")
+
+
 def resume_notice(cfg: TrainConfig) -> str:
     """What becomes of this run name: a new run, or the resumption of an earlier one of the same name in the
     storage (refused, with ConfigError, when that one was started with other settings)."""
@@ -183,6 +204,7 @@ def fit(cfg: TrainConfig, plan: TrainPlan, train: Split) -> Fitted:
             num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
             use_gpu=plan.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=plan.placement,
         ),
         run_config=RunConfig(
             name=cfg.run_name,

@@ -2,6 +2,7 @@
 
     python -m tests.programs run-one-epoch OUTPUT STORAGE
     python -m tests.programs predict-without-ray CHECKPOINT IMAGES.npy
+    python -m tests.programs untrained-checkpoint FOLDER
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def predict_without_ray(checkpoint: str, images: str) -> None:
     print(json.dumps(model(preprocess(torch.from_numpy(np.load(images)))).argmax(1).tolist()))
 
 
+def untrained_checkpoint(folder: str) -> None:
+    """A checkpoint of the untrained model: enough where only the rows count, not the tags."""
+    import torch
+
+    from clf import checkpoint, data
+    from clf.model import FashionCNN
+
+    torch.manual_seed(0)
+    checkpoint.save(folder, FashionCNN(), data.CLASSES)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     commands = p.add_subparsers(dest="command", required=True)
@@ -44,11 +56,15 @@ def main() -> None:
     predict = commands.add_parser("predict-without-ray")
     predict.add_argument("checkpoint")
     predict.add_argument("images")
+    untrained = commands.add_parser("untrained-checkpoint")
+    untrained.add_argument("folder")
     args = p.parse_args()
     if args.command == "run-one-epoch":
         run_one_epoch(args.output, args.storage)
-    else:
+    elif args.command == "predict-without-ray":
         predict_without_ray(args.checkpoint, args.images)
+    else:
+        untrained_checkpoint(args.folder)
 
 
 if __name__ == "__main__":

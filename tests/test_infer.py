@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clf import checkpoint, data
-from clf.infer import Predictor, predict
+from clf.infer import Predictor, placement, predict
 from clf.model import FashionCNN
 from clf.runtime import InferPlan
 
@@ -36,7 +36,8 @@ def direct(checkpoint_dir, images):
 def test_predictor_adds_prediction_and_confidence_and_keeps_other_columns(tiny_checkpoint, tiny_split):
     batch = {"id": np.arange(5), "label": tiny_split.labels[:5], "image": tiny_split.images[:5].copy()}
     out = Predictor(tiny_checkpoint)(batch)
-    assert set(out) == {"id", "label", "prediction", "confidence"}
+    assert set(out) == {"id", "label", "prediction", "confidence", "node", "actor"}
+    assert set(out["node"]) == {""}  # no Ray here: it ran nowhere in a cluster
     prediction, confidence = direct(tiny_checkpoint, tiny_split.images[:5])
     np.testing.assert_array_equal(out["prediction"], prediction)
     np.testing.assert_allclose(out["confidence"], confidence, rtol=1e-5)
@@ -58,3 +59,5 @@ def test_rows_stay_aligned_when_shuffled_before_inference(ray_local, tiny_checkp
     np.testing.assert_array_equal(rows["prediction"].to_numpy(), prediction[ids])
     # Confidences are all but unique per image: a row paired with another image's output shows here.
     np.testing.assert_allclose(rows["confidence"].to_numpy(), confidence[ids], rtol=1e-5)
+    assert [a["rows"] for a in placement(rows)] == [300]  # the one actor, on the one node
+    assert placement(rows)[0]["node"] == ray_local.get_runtime_context().get_node_id()

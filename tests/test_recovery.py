@@ -83,6 +83,8 @@ def test_a_killed_driver_started_again_resumes_its_run(data_dir, tmp_path):
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
     last = metrics["history"][-1]
     assert last["epoch"] == 3 and last["resumed_from_epoch"] >= 1  # went on; did not start over
+    # Every epoch, those of the killed driver's run included, though Ray keeps 2 checkpoints.
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
 
     # The same name with other settings is another experiment: refused before any training.

@@ -1,31 +1,70 @@
 """The plan on made-up clusters (no Ray started), and how failures become one line or stay bugs."""
 
+import re
+
 import pytest
+import yaml
 from ray.exceptions import ActorDiedError
 from ray.train import ControllerError, WorkerGroupError
 
 from clf import runtime
 from clf.config import TagConfig, TrainConfig
 from clf.errors import CheckpointError, ClfError, ConfigError, run_job
-from clf.runtime import InferPlan, Node, TrainPlan, plan_inference, plan_tagging, plan_training
+from clf.runtime import (
+    Cluster, InferPlan, Node, NodeGroup, TrainPlan, launcher_groups, plan_inference, plan_tagging, plan_training,
+)
+from clf.trainer import storage_note
+from tests.helpers import ROOT
 
-LAPTOP = [Node(cpus=2)]
-BIG_BOX = [Node(cpus=16)]
-ONE_GPU = [Node(cpus=8, gpus=1)]
+
+def cluster(*nodes: Node, groups=None) -> Cluster:
+    return Cluster(tuple(nodes), groups)
+
+
+LAPTOP = cluster(Node(cpus=2))
+BIG_BOX = cluster(Node(cpus=16))
+ONE_GPU = cluster(Node(cpus=8, gpus=1))
+THREE_NODES = cluster(Node(4), Node(4), Node(4))
+SMALL_HEAD_TWO_GPU_NODES = cluster(Node(1), Node(8, 1), Node(8, 1))
+# cluster.yaml: an m5.xlarge head (4 vCPUs) and the one g5.xlarge GPU node it keeps up (4 vCPUs, 1 GPU)...
+LAUNCHER_NODES = (Node(4), Node(4, 1))
+# ...and, where its autoscaler runs, up to 8 GPU nodes (its launcher config on the head says so).
+LAUNCHER_GROUPS = (NodeGroup(4, 0, 1), NodeGroup(4, 1, 8))
+CLUSTER_YAML_FIXED = cluster(*LAUNCHER_NODES)
+CLUSTER_YAML_AUTOSCALING = cluster(*LAUNCHER_NODES, groups=LAUNCHER_GROUPS)
+
+
+def cpu(num_workers, cpus_per_worker, min_workers=None):
+    return TrainPlan(num_workers, min_workers or num_workers, cpus_per_worker, False, "SPREAD")
+
+
+def gpu(num_workers, min_workers=None, waits=False):
+    return TrainPlan(num_workers, min_workers or num_workers, 1, True, "PACK", waits)
 
 
 @pytest.mark.parametrize(
     "settings, nodes, plan",
     [
-        ({}, LAPTOP, TrainPlan(1, 1, 2, False)),  # one worker using every core
-        ({}, BIG_BOX, TrainPlan(1, 1, 16, False)),
-        ({"num_workers": 2}, LAPTOP, TrainPlan(2, 2, 1, False)),
-        ({"num_workers": 4, "cpus_per_worker": 2}, BIG_BOX, TrainPlan(4, 4, 2, False)),
-        ({"use_gpu": True}, ONE_GPU, TrainPlan(1, 1, 1, True)),  # one per GPU, a CPU to feed it
-        ({"num_workers": 2, "min_workers": 1}, LAPTOP, TrainPlan(2, 1, 1, False)),  # elastic
+        ({}, LAPTOP, cpu(1, 2)),  # one worker using every core
+        ({}, BIG_BOX, cpu(1, 16)),
+        ({"num_workers": 2}, LAPTOP, cpu(2, 1)),
+        ({"num_workers": 4, "cpus_per_worker": 2}, BIG_BOX, cpu(4, 2)),
+        ({"use_gpu": True}, ONE_GPU, gpu(1)),  # one per GPU, a CPU to feed it
+        ({"num_workers": 2, "min_workers": 1}, LAPTOP, cpu(2, 1, min_workers=1)),  # elastic
         # Elastic with more than fits now: it starts with what fits, down to its minimum.
-        ({"num_workers": 4, "min_workers": 2, "cpus_per_worker": 1}, LAPTOP, TrainPlan(4, 2, 1, False)),
-        ({"num_workers": 3, "min_workers": 1, "use_gpu": True}, ONE_GPU, TrainPlan(3, 1, 1, True)),
+        ({"num_workers": 4, "min_workers": 2, "cpus_per_worker": 1}, LAPTOP, cpu(4, 1, min_workers=2)),
+        ({"num_workers": 3, "min_workers": 1, "use_gpu": True}, ONE_GPU, gpu(3, min_workers=1)),
+        # Several nodes: a worker never spans nodes; without flags, one worker per node sized to it.
+        ({}, THREE_NODES, cpu(3, 4)),
+        ({"num_workers": 3}, THREE_NODES, cpu(3, 4)),
+        ({"num_workers": 6}, THREE_NODES, cpu(6, 2)),
+        ({"cpus_per_worker": 2}, THREE_NODES, cpu(6, 2)),
+        ({}, SMALL_HEAD_TWO_GPU_NODES, cpu(2, 8)),  # not 17 one-CPU workers to use the head's one CPU
+        ({"use_gpu": True}, SMALL_HEAD_TWO_GPU_NODES, gpu(2)),
+        ({}, CLUSTER_YAML_FIXED, cpu(2, 4)),
+        ({"use_gpu": True}, CLUSTER_YAML_FIXED, gpu(1)),
+        # The README's own example on cluster.yaml with its autoscaler: wait for 3 more GPU nodes.
+        ({"use_gpu": True, "num_workers": 4}, CLUSTER_YAML_AUTOSCALING, gpu(4, waits=True)),
     ],
 )
 def test_training_plan(settings, nodes, plan):
@@ -35,16 +74,39 @@ def test_training_plan(settings, nodes, plan):
 @pytest.mark.parametrize(
     "settings, nodes, complaint",
     [
-        ({"num_workers": 3, "cpus_per_worker": 1}, LAPTOP, "3 workers x 1 CPUs need 3 CPUs; the cluster has 2"),
-        ({"cpus_per_worker": 4}, LAPTOP, "1 workers x 4 CPUs need 4 CPUs"),
+        ({"num_workers": 3, "cpus_per_worker": 1}, LAPTOP, "3 worker(s) x 1 CPU do not fit on the cluster (1 node(s) of 2 CPUs), which holds 2"),
+        ({"cpus_per_worker": 4}, LAPTOP, "1 worker(s) x 4 CPU do not fit"),
+        ({"cpus_per_worker": 5}, THREE_NODES, "1 worker(s) x 5 CPU do not fit on the cluster (3 node(s) of 4, 4, 4 CPUs), which holds 0"),
+        ({"num_workers": 2, "cpus_per_worker": 3}, cluster(Node(4), Node(2)), "which holds 1"),
         ({"use_gpu": True}, LAPTOP, "--use-gpu was given but the Ray cluster has no GPU"),
         ({"use_gpu": True, "num_workers": 2}, ONE_GPU, "needs 2 GPUs; the cluster has 1"),
         ({"min_workers": 2}, LAPTOP, "--min-workers 2 is more than the 1 workers of the run"),
+        # cluster.yaml without an autoscaler: nothing can grow, refused at once.
+        ({"use_gpu": True, "num_workers": 4}, CLUSTER_YAML_FIXED, "needs 4 GPUs; the cluster has 1"),
+        # With one, beyond what it may ever add: refused too.
+        ({"use_gpu": True, "num_workers": 9}, CLUSTER_YAML_AUTOSCALING, "needs 9 GPUs; the cluster has 8 at its largest"),
+        ({"cpus_per_worker": 8}, CLUSTER_YAML_AUTOSCALING, "do not fit on the largest cluster the autoscaler may run"),
     ],
 )
 def test_training_plans_that_cannot_fit_are_refused(settings, nodes, complaint):
-    with pytest.raises(ConfigError, match=complaint.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(complaint)):
         plan_training(TrainConfig(**settings), nodes)
+
+
+def test_the_launchers_config_gives_the_groups_an_autoscaler_may_run():
+    # As `ray up` leaves cluster.yaml on the head (~/ray_bootstrap_config.yaml), resources filled in.
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["head"]["resources"] = {"CPU": 4}
+    config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
+    assert launcher_groups(config) == LAUNCHER_GROUPS
+
+
+def test_a_local_storage_path_on_several_nodes_gets_a_note():
+    two = cluster(Node(2), Node(2))
+    note = storage_note(TrainConfig(storage_path="/mnt/runs"), two)
+    assert note and "--storage-path /mnt/runs is a local path" in note and "2 nodes" in note
+    assert storage_note(TrainConfig(storage_path="s3://bucket/runs"), two) is None
+    assert storage_note(TrainConfig(storage_path="/mnt/runs"), LAPTOP) is None
 
 
 def test_inference_plan_after_training():
@@ -53,15 +115,15 @@ def test_inference_plan_after_training():
     assert plan_inference(TrainConfig(num_infer_actors=3), BIG_BOX) == InferPlan(3, 1, False)
     assert plan_inference(TrainConfig(use_gpu=True), ONE_GPU) == InferPlan(1, 0, True)
     # A node lost during training: the plan follows the cluster as it is now.
-    assert plan_inference(TrainConfig(), [Node(cpus=2), Node(cpus=2)]).num_actors == 4
-    assert plan_inference(TrainConfig(), [Node(cpus=2)]).num_actors == 2
+    assert plan_inference(TrainConfig(), cluster(Node(cpus=2), Node(cpus=2))).num_actors == 4
+    assert plan_inference(TrainConfig(), cluster(Node(cpus=2))).num_actors == 2
 
 
 def test_tagging_plan_leaves_the_decoders_a_cpu():
     tag = TagConfig(checkpoint="c", input="i", output="o")
     assert plan_tagging(tag, LAPTOP) == InferPlan(1, 1, False)
     assert plan_tagging(tag, BIG_BOX) == InferPlan(15, 1, False)
-    assert plan_tagging(tag, [Node(cpus=1)]) == InferPlan(1, 0.5, False)  # shares its one CPU
+    assert plan_tagging(tag, cluster(Node(cpus=1))) == InferPlan(1, 0.5, False)  # shares its one CPU
     assert plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), ONE_GPU) == InferPlan(1, 0, True)
     with pytest.raises(ConfigError, match="no GPU"):
         plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), LAPTOP)

@@ -179,7 +179,8 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     proc = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(folder / "photos"),
                    "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pd.read_parquet(out / "tags.parquet")  # a folder of Parquet files, read as one table
+    assert sorted(p.name for p in out.iterdir()) == ["tags.parquet"]  # one file, written by the driver
+    rows = pd.read_parquet(out / "tags.parquet")
     assert list(rows.columns) == COLUMNS
 
     # Every file exactly once: the photos and the broken ones.
@@ -224,7 +225,8 @@ def test_a_csv_listing_tagged_into_csv_with_a_missing_file(shop, one_epoch, tmp_
     proc = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(listing),
                    "--output", str(out), "--format", "csv", "--review-threshold", "0.9", "--num-actors", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pd.concat([pd.read_csv(f, keep_default_na=False) for f in sorted((out / "tags.csv").glob("*.csv"))])
+    rows = pd.read_csv(out / "tags.csv", keep_default_na=False)
+    assert list(rows.columns) == COLUMNS
     assert sorted(rows["path"]) == sorted(entries)
     gone = rows[rows["path"].str.endswith("gone.jpg")]
     assert gone["error"].tolist() == ["file not found"]

@@ -5,8 +5,9 @@ domain (`clf.tagging.photos`), catching what is wrong with a file as that row's 
 over an actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
 whole dataset on one unreadable file and drop nothing silently only by failing; here every file gets its
 row, a bad one with the reason. The driver collects the rows (no images: a few short columns), checks
-that each input has exactly one, and writes them with Ray Data's writer into a staging folder that is
-renamed into place when complete.
+that each input has exactly one, and writes them itself, as one file, into a staging folder that is
+renamed into place when complete: the driver's disk is the only one the user is sure to reach (a Ray Data
+writer would write from whichever node Ray picks).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class TagResult:
     rows: pd.DataFrame  # COLUMNS, one row per input file, in input order
     output: Path
     seconds: float  # reading, decoding and tagging, actor start-up included
+    nodes: dict[str, int]  # Ray node id -> files its predictor actors tagged
 
     @property
     def failed(self) -> int:
@@ -131,7 +133,7 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
     def value_or_na(values, dtype):
         return pd.array(np.where(ok, values, None), dtype=dtype)
 
-    rows = {"index": batch["index"], "path": batch["path"]}
+    rows = {"index": batch["index"], "path": batch["path"], "node": batch["node"]}
     for k in range(TOP_K):
         rows[f"top{k + 1}"] = tag_or_none(top_classes[:, k])
         rows[f"top{k + 1}_prob"] = value_or_na(top_probs[:, k], "Float64")
@@ -153,8 +155,12 @@ def run(cfg: TagConfig) -> TagResult:
         started = time.perf_counter()
         rows = _collect(_tag(cfg, plan, paths, classes), len(paths), started)
         seconds = time.perf_counter() - started
-        _write(rows, staging / cfg.tags_name, cfg.format)
-    return TagResult(rows=rows, output=output, seconds=seconds)
+        tags = rows[COLUMNS]
+        if cfg.format == "csv":
+            tags.to_csv(staging / cfg.tags_name, index=False)
+        else:
+            tags.to_parquet(staging / cfg.tags_name, index=False)
+    return TagResult(tags, output, seconds, rows["node"].value_counts().to_dict())
 
 
 def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], classes: list[str]) -> ray.data.Dataset:
@@ -182,15 +188,7 @@ def _collect(tagged: ray.data.Dataset, count: int, started: float) -> pd.DataFra
     # Every input exactly once: never a result that looks complete and is not.
     if len(rows) != count or not np.array_equal(rows["index"].to_numpy(), np.arange(count)):
         raise ClfError(f"tagging returned {len(rows)} rows for {count} files")
-    return rows[COLUMNS]
-
-
-def _write(rows: pd.DataFrame, target: Path, fmt: str) -> None:
-    written = ray.data.from_pandas(rows)
-    if fmt == "csv":
-        written.write_csv(str(target))
-    else:
-        written.write_parquet(str(target))
+    return rows
 
 
 def summary(result: TagResult, review_threshold: float) -> str:
@@ -208,4 +206,6 @@ def summary(result: TagResult, review_threshold: float) -> str:
     if reasons:
         failed += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")"
     lines.append(failed)
+    nodes = ", ".join(f"{node[:8]} {n:,} files" for node, n in sorted(result.nodes.items()))
+    lines.append(f"predictor actors ran on {len(result.nodes)} node(s): {nodes}")
     return "\n".join(lines)

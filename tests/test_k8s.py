@@ -1,0 +1,81 @@
+"""k8s/rayjob.yaml and the Dockerfile, checked offline (no Kubernetes or Docker here): the YAML parses, the
+fields KubeRay v1.6 requires are there, the entrypoint parses with jobs/train.py's own parser, the GPU
+worker group covers the workers it asks for, and the image is Ray's of the installed Ray version."""
+
+import re
+import shlex
+from importlib import metadata
+
+import pytest
+import yaml
+
+from clf import cli
+from clf.config import TrainConfig
+from tests.helpers import ROOT
+
+RAY_VERSION = metadata.version("ray")
+
+
+@pytest.fixture(scope="module")
+def documents():
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / "rayjob.yaml").read_text()))
+    return {doc["kind"]: doc for doc in docs}
+
+
+@pytest.fixture(scope="module")
+def rayjob(documents):
+    return documents["RayJob"]
+
+
+def train_config(rayjob) -> TrainConfig:
+    words = shlex.split(rayjob["spec"]["entrypoint"])
+    assert words[:2] == ["python", "/home/ray/clf/jobs/train.py"]  # where the Dockerfile puts the project
+    return cli.parse(TrainConfig, "test", words[2:])
+
+
+def test_rayjob_has_the_fields_kuberay_requires(rayjob):
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["metadata"]["name"]
+    spec = rayjob["spec"]
+    assert spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == RAY_VERSION
+    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 makes and hands out the token
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert head and all(c["name"] and c["image"] for c in head)
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] and group["template"]["spec"]["containers"][0]["image"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_entrypoint_parses_with_the_jobs_own_parser(rayjob):
+    cfg = train_config(rayjob)
+    assert cfg.use_gpu
+    assert cfg.storage_path.startswith("s3://")  # every node reaches the checkpoints
+    assert cfg.output.startswith("/outputs/")  # on the claim that outlives the head pod
+
+
+def test_outputs_go_to_a_claim_mounted_on_the_head(documents, rayjob):
+    claim = documents["PersistentVolumeClaim"]["metadata"]["name"]
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in head["volumes"]}
+    mounts = head["containers"][0]["volumeMounts"]
+    outputs = next(m for m in mounts if train_config(rayjob).output.startswith(m["mountPath"] + "/"))
+    assert volumes[outputs["name"]]["persistentVolumeClaim"]["claimName"] == claim
+    fetch = yaml.safe_load((ROOT / "k8s" / "fetch-outputs.yaml").read_text())
+    assert fetch["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+
+
+def test_the_gpu_workers_cover_the_training_workers(rayjob):
+    cfg = train_config(rayjob)
+    gpus = sum(
+        group["replicas"] * int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for group in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    )
+    assert cfg.num_workers is not None and gpus >= cfg.num_workers
+
+
+def test_the_image_is_rays_of_the_installed_version(rayjob):
+    base = re.search(r"^FROM rayproject/ray:(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert base, "the Dockerfile starts from Ray's official image"
+    assert base.group(1).split("-")[0] == RAY_VERSION
+    assert base.group(1).endswith("gpu")  # CUDA for --use-gpu
