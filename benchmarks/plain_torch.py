@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
-from clf.train import make_learner, new_model, train_epochs  # noqa: E402
+from clf.train import array_batches, make_learner, new_model, train_epochs  # noqa: E402
 
 
 def main() -> None:
@@ -33,9 +33,10 @@ def main() -> None:
 
     dataset = data.load()
     images, labels = dataset.train.images, dataset.train.labels
-    learner = make_learner(cfg, new_model(cfg), len(labels))
+    learner = make_learner(cfg, new_model(cfg, len(data.CLASSES)), len(labels))
     train_started = time.perf_counter()
-    history = train_epochs(learner, images, labels, cfg)  # rank 0 of 1: the Ray path's batches, in its order
+    # Rank 0 of 1: the Ray path's batches, in its order.
+    history = train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, 0, 1), cfg)
     train_s = time.perf_counter() - train_started
 
     infer_started = time.perf_counter()

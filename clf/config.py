@@ -98,6 +98,15 @@ class TrainConfig:
     data_dir: str | None = setting(None, help="folder with the four Fashion-MNIST idx files (.gz or not). Default: "
                                               "$CLF_DATA_DIR, /usr/share/datasets/fashion-mnist, "
                                               "~/.cache/clf/fashion-mnist", check=a_path)
+    train_data: str | None = setting(None, help="train on a store's own labelled photos instead of Fashion-MNIST: "
+                                                "a folder with one sub-folder per class (PATH/<class>/<photos>), "
+                                                "or a .parquet or .csv listing with `path` and `label` columns",
+                                      check=a_path)
+    eval_data: str | None = setting(None, help="the photos to evaluate on, laid out as --train-data. Default: a "
+                                               "seeded, stratified --eval-fraction of each class of --train-data",
+                                    check=a_path)
+    eval_fraction: float = setting(0.1, help="with --train-data and no --eval-data: the share of each class held "
+                                             "out for evaluation", check=number_in(0, 1, high_included=False))
     download: bool = setting(False, help="let torchvision download the data into the cache when it is found "
                                          "nowhere (needs internet)")
     output: str | None = setting(None, help="new folder for the outputs. Default: runs/<timestamp>", check=a_path)
@@ -123,6 +132,12 @@ class TrainConfig:
             )
         if self.min_workers is not None and self.num_workers is not None and self.min_workers > self.num_workers:
             raise ConfigError(f"min_workers ({self.min_workers}) is more than num_workers ({self.num_workers})")
+        if self.train_data is not None and (self.data_dir is not None or self.download):
+            raise ConfigError("--train-data replaces Fashion-MNIST: it does not go with --data-dir or --download")
+        if self.eval_data is not None and self.train_data is None:
+            raise ConfigError("--eval-data needs --train-data (Fashion-MNIST is evaluated on its test set)")
+        if self.eval_fraction == 0 and self.train_data is not None and self.eval_data is None:
+            raise ConfigError("--eval-fraction 0 leaves nothing to evaluate on; give --eval-data or a fraction")
 
 
 TAG_FORMATS = ("parquet", "csv")

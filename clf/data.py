@@ -11,10 +11,13 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from clf.errors import DataError
@@ -58,10 +61,33 @@ class Split:
 
 
 @dataclass(frozen=True)
+class TrainingData:
+    """What a training run needs of its data, whichever it is (Fashion-MNIST, a store's catalog)."""
+
+    classes: list[str]
+    source: str  # where it was read from, for people
+    identity: str  # what a resumed run must find again: a name, or a digest of the files
+    train: Split | Any  # in-memory arrays, or a Ray Dataset of rows (id, label, image, path)
+    num_train: int
+    eval_rows: pd.DataFrame  # id, label (and path): every row the evaluation must give back
+    eval_dataset: Callable[[], Any]  # a Ray Dataset of the evaluation rows, with their images
+    images_of: Callable[[np.ndarray], np.ndarray]  # evaluation ids -> their 28x28 images (the report's)
+    skipped: list[dict] = field(default_factory=list)  # files left out: {"path", "reason"}
+
+
+@dataclass(frozen=True)
 class FashionMNIST:
     train: Split
     test: Split
     source: str  # the folder the files were read from
+
+    def prepare(self) -> TrainingData:
+        return TrainingData(
+            classes=list(CLASSES), source=self.source, identity="fashion-mnist", train=self.train,
+            num_train=len(self.train.labels),
+            eval_rows=pd.DataFrame({"id": np.arange(len(self.test.labels)), "label": self.test.labels}),
+            eval_dataset=lambda: to_ray_dataset(self.test), images_of=lambda ids: self.test.images[ids],
+        )
 
 
 def cache_dir() -> Path:

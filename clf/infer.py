@@ -13,7 +13,7 @@ import ray.data
 import torch
 
 from clf.checkpoint import load_model
-from clf.data import Split, preprocess, to_ray_dataset
+from clf.data import TrainingData, preprocess
 from clf.errors import ClfError
 from clf.runtime import InferPlan
 
@@ -72,10 +72,11 @@ def predict(dataset: ray.data.Dataset, checkpoint, plan: InferPlan, batch_size: 
     )
 
 
-def evaluate(checkpoint, test: Split, plan: InferPlan, batch_size: int) -> pd.DataFrame:
-    """Tag every test image with the Ray Data predictor; rows (id, label, prediction, confidence) in id order."""
-    rows = predict(to_ray_dataset(test), checkpoint, plan, batch_size).to_pandas()
-    return check_complete(rows, test)
+def evaluate(checkpoint, data: TrainingData, plan: InferPlan, batch_size: int) -> pd.DataFrame:
+    """Tag every evaluation image with the Ray Data predictor; rows (id, label, prediction, confidence, and
+    path for photos) in id order."""
+    rows = predict(data.eval_dataset(), checkpoint, plan, batch_size).to_pandas()
+    return check_complete(rows, data.eval_rows)
 
 
 def placement(rows: pd.DataFrame) -> list[dict]:
@@ -84,12 +85,13 @@ def placement(rows: pd.DataFrame) -> list[dict]:
     return counts.to_dict(orient="records")
 
 
-def check_complete(rows: pd.DataFrame, test: Split) -> pd.DataFrame:
-    """The rows in id order, once it is sure that every test image came back exactly once, with the label it
-    was read with: never a partial result."""
+def check_complete(rows: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFrame:
+    """The rows in id order, once it is sure that every expected row (id, label) came back exactly once, with
+    the label it was read with: never a partial result."""
     rows = rows.sort_values("id", ignore_index=True)
-    if len(rows) != len(test.labels) or not np.array_equal(rows["id"].to_numpy(), np.arange(len(test.labels))):
-        raise ClfError(f"inference returned {len(rows)} rows for {len(test.labels)} test images")
-    if not np.array_equal(rows["label"].to_numpy(), test.labels):
-        raise ClfError("inference returned labels that differ from the test set's")
+    ids = np.sort(expected["id"].to_numpy())
+    if len(rows) != len(ids) or not np.array_equal(rows["id"].to_numpy(), ids):
+        raise ClfError(f"inference returned {len(rows)} rows for {len(ids)} images")
+    if not np.array_equal(rows["label"].to_numpy(), expected.set_index("id").loc[ids, "label"].to_numpy()):
+        raise ClfError("inference returned labels that differ from the ones read")
     return rows

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clf import data, infer, metrics, report, runtime, trainer
+from clf import catalog, data, infer, metrics, report, runtime, trainer
 from clf.config import TrainConfig
 from clf.runtime import InferPlan, TrainPlan
 
@@ -55,36 +55,40 @@ def run(cfg: TrainConfig) -> RunResult:
     output = Path(cfg.output) if cfg.output else runtime.default_output()
     cfg = dataclasses.replace(cfg, output=str(output), run_name=cfg.run_name or runtime.new_run_name(output))
     with runtime.staged_output(output) as staging:
-        with clock.phase("load_data_s"):
-            dataset = data.load(cfg.data_dir, cfg.download)
+        with clock.phase("load_data_s"):  # read, or listed and split: what can fail does before Ray starts
+            source = catalog.open_catalog(cfg) if cfg.train_data else data.load(cfg.data_dir, cfg.download)
         with clock.phase("ray_start_s"):
             runtime.connect()
             cluster = runtime.cluster_nodes()
             train_plan = runtime.plan_training(cfg, cluster)
-        _announce(cfg, cluster, train_plan, dataset)
+        with clock.phase("read_photos_s" if cfg.train_data else "prepare_s"):
+            training = source.prepare()
+        _announce(cfg, cluster, train_plan, training)
         with clock.phase("train_s"):
-            fitted = trainer.fit(cfg, train_plan, dataset.train)
+            fitted = trainer.fit(cfg, train_plan, training)
         if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
             print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
         with clock.phase("inference_s"):
             infer_plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # after training: a node may be gone
-            rows = infer.evaluate(fitted.checkpoint, dataset.test, infer_plan, cfg.infer_batch_size)
-        scores = metrics.compute(rows["label"], rows["prediction"], len(data.CLASSES))
+            rows = infer.evaluate(fitted.checkpoint, training, infer_plan, cfg.infer_batch_size)
+        scores = metrics.compute(rows["label"], rows["prediction"], len(training.classes))
         with clock.phase("write_s"):
             fitted.checkpoint.to_directory(str(staging / "checkpoint"))
-            _write(staging, cfg, (train_plan, infer_plan), dataset, fitted.history, rows, scores, clock)
+            _write(staging, cfg, (train_plan, infer_plan), training, fitted.history, rows, scores, clock)
     print(report.history_table(fitted.history), flush=True)
-    print(report.table(scores, data.CLASSES), flush=True)
+    print(report.table(scores, training.classes), flush=True)
     return RunResult(rows["prediction"].tolist(), scores.accuracy, scores.precision, scores.recall,
-                     list(data.CLASSES), output, fitted.history, clock.total())
+                     training.classes, output, fitted.history, clock.total())
 
 
-def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, dataset: data.FashionMNIST) -> None:
+def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, training: data.TrainingData) -> None:
     for line in (
-        trainer.resume_notice(cfg),
+        trainer.resume_notice(cfg, training.identity),
         trainer.storage_note(cfg, cluster),
-        f"training on {len(dataset.train.labels):,} images from {dataset.source}: {plan.describe()}, "
-        f"{cfg.epochs} epoch(s)",
+        training.skipped and f"skipped {len(training.skipped):,} file(s) that cannot be read "
+        f"({report.reasons(s['reason'] for s in training.skipped)}): listed in metrics.json",
+        f"training on {training.num_train:,} images of {len(training.classes)} classes from {training.source}: "
+        f"{plan.describe()}, {cfg.epochs} epoch(s)",
         plan.waits_for_nodes and f"waiting for the autoscaler to add nodes: {cluster.describe()} are up, too few "
         f"for {plan.min_workers} worker(s); Ray Train tries to place them for about "
         f"{runtime.PLACEMENT_WAITS + 1} minutes",
@@ -93,18 +97,19 @@ def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, datas
             print(line, flush=True)
 
 
-def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], dataset: data.FashionMNIST,
+def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], training: data.TrainingData,
            history: list[dict], rows: pd.DataFrame, scores: metrics.Metrics, clock: Stopwatch) -> None:
     """predictions.parquet, the run report, and metrics.json last."""
     train_plan, infer_plan = plans
     provenance = report.provenance()
     report.write_predictions(folder / "predictions.parquet", rows)
     facts = {
-        "run": cfg.run_name, "epochs": cfg.epochs, "workers": train_plan.describe(), "data": dataset.source,
+        "run": cfg.run_name, "epochs": cfg.epochs, "workers": train_plan.describe(), "data": training.source,
         "finished": datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": provenance["git_commit"] or "unknown",
     }
-    report.write_run_report(folder, scores, data.CLASSES, history, _confident_mistakes(rows, dataset.test), facts)
-    report.write_metrics(folder / "metrics.json", scores, data.CLASSES, {
+    mistakes = _confident_mistakes(rows, training)
+    report.write_run_report(folder, scores, training.classes, history, mistakes, facts)
+    report.write_metrics(folder / "metrics.json", scores, training.classes, {
         "config": dataclasses.asdict(cfg),
         "plan": {"training": dataclasses.asdict(train_plan), "inference": dataclasses.asdict(infer_plan)},
         # Ray node ids: each training worker's, by rank, in the last epoch; each inference actor's.
@@ -112,18 +117,20 @@ def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], d
             "training_workers": history[-1].get("nodes", []) if history else [],
             "inference_actors": infer.placement(rows),
         },
-        "data_source": dataset.source,
+        "data_source": training.source,
+        "data_identity": training.identity,
+        "skipped_files": training.skipped,
         "history": history,
         "timings": clock.total(),
         "provenance": provenance,
     })
 
 
-def _confident_mistakes(rows: pd.DataFrame, test: data.Split, count: int = 24) -> dict:
+def _confident_mistakes(rows: pd.DataFrame, training: data.TrainingData, count: int = 24) -> dict:
     wrong = rows[rows["prediction"] != rows["label"]].sort_values("confidence", ascending=False).head(count)
     ids = wrong["id"].to_numpy()
     return {
-        "images": test.images[ids],
+        "images": training.images_of(ids),
         "id": ids,
         "label": wrong["label"].to_numpy(),
         "prediction": wrong["prediction"].to_numpy(),

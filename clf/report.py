@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections import Counter
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +25,12 @@ FORMATS = {
     "images/s": "{:,.0f}", "elapsed s": "{:.1f}", "count": "{:,}",
 }
 TEXT_COLUMNS = ("class", "tag")  # left-aligned on the terminal
+
+
+def reasons(errors) -> str:
+    """Why files could not be read, counted: "empty file: 1, not an image: 2"."""
+    counts = Counter(str(e).split(" (")[0] for e in errors if e)
+    return ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
 
 
 def class_frame(metrics: Metrics, classes) -> pd.DataFrame:
@@ -106,7 +113,9 @@ def write_metrics(path: Path, metrics: Metrics, classes, extra: dict) -> None:
 
 
 def write_predictions(path: Path, predictions: pd.DataFrame) -> None:
-    predictions[["id", "label", "prediction", "confidence"]].to_parquet(path, index=False)
+    """One row per evaluation image: id, path (for photos), label, prediction, confidence."""
+    columns = [c for c in ("id", "path", "label", "prediction", "confidence") if c in predictions.columns]
+    predictions[columns].to_parquet(path, index=False)
 
 
 # --- The run report: PNG figures and report.html, for people who will not read JSON ---------------------

@@ -9,7 +9,7 @@ index. Same seed and worker count, same batches.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,12 @@ def epoch_batches(num_images: int, epoch: int, seed: int, rank: int, world_size:
     return [np.sort(part) for part in np.array_split(shard, steps_per_epoch(num_images, batch_size))]
 
 
+def rank_batch_size(num_images: int, world_size: int, batch_size: int) -> int:
+    """Images per batch of one rank when its shard (num_images // world_size images, as an equal split gives
+    it) is cut into at most `steps_per_epoch` batches: what a streamed shard is cut into."""
+    return -(-(num_images // world_size) // steps_per_epoch(num_images, batch_size))
+
+
 @dataclass
 class Learner:
     """The model and everything that changes it: what a checkpoint must keep to resume."""
@@ -51,9 +57,9 @@ class Learner:
     loss_fn: nn.Module
 
 
-def new_model(cfg: TrainConfig) -> FashionCNN:
+def new_model(cfg: TrainConfig, num_classes: int) -> FashionCNN:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    return FashionCNN()
+    return FashionCNN(num_classes=num_classes)
 
 
 def make_learner(cfg: TrainConfig, model: nn.Module, num_images: int, state: dict | None = None) -> Learner:
@@ -82,43 +88,62 @@ def step(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     return loss, logits
 
 
-def train_epoch(learner: Learner, images: np.ndarray, labels: np.ndarray, epoch: int, cfg: TrainConfig,
-                rank: int, world_size: int, device: torch.device) -> torch.Tensor:
-    """One epoch over this rank's shard. Returns (loss summed over images, correct predictions, images),
-    this rank's alone."""
+# A batch as the data gives it: uint8 images (N, 28, 28) and int64 class indices (N,), numpy arrays.
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, epoch: int, cfg: TrainConfig, rank: int,
+                  world_size: int) -> Iterator[Batch]:
+    """This rank's batches of in-memory arrays for one epoch (see `epoch_batches`)."""
+    for index in epoch_batches(len(labels), epoch, cfg.seed, rank, world_size, cfg.batch_size):
+        yield images[index], labels[index]
+
+
+def train_epoch(learner: Learner, batches: Iterable[Batch], epoch: int, cfg: TrainConfig, rank: int,
+                device: torch.device) -> tuple[torch.Tensor, float]:
+    """One epoch over this rank's batches. Returns (loss summed over images, correct predictions, images),
+    this rank's alone, and the seconds spent waiting for the next batch."""
     # Dropout's randomness depends on (seed, rank, epoch) only, so a resumed run matches.
     torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
     learner.model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for index in epoch_batches(len(labels), epoch, cfg.seed, rank, world_size, cfg.batch_size):
-        x = preprocess(torch.from_numpy(images[index]).to(device))
-        y = torch.from_numpy(labels[index]).to(device)
+    waited, batches = 0.0, iter(batches)
+    while True:
+        asked = time.perf_counter()
+        images, labels = next(batches, (None, None))
+        waited += time.perf_counter() - asked
+        if images is None:
+            return totals, waited
+        x = preprocess(torch.from_numpy(images).to(device))
+        y = torch.from_numpy(labels).to(device)
         loss, logits = step(learner, x, y)
         with torch.no_grad():  # no .item(): on a GPU that would wait for every step
             totals[0] += loss.detach() * len(y)
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += len(y)
-    return totals
 
 
-def train_epochs(learner: Learner, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, start_epoch: int = 0,
-                 rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
+def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Batch]], cfg: TrainConfig, *,
+                 start_epoch: int = 0, rank: int = 0, device: torch.device = torch.device("cpu"),
                  reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.cpu(),
                  after_epoch: Callable[[dict], None] = lambda record: None) -> list[dict]:
-    """The loop every worker runs, and the plain baseline too: epochs `start_epoch`..cfg.epochs, each
-    ending in a record (loss, accuracy, images/s, elapsed) of the totals `reduce` sums over the ranks,
-    handed to `after_epoch` (Ray's report and checkpoint). Returns the records."""
+    """The loop every worker runs, and the plain baseline too: epochs `start_epoch`..cfg.epochs over the
+    batches `batches_of_epoch(epoch)` gives, each ending in a record (loss, accuracy, images/s, elapsed,
+    seconds this rank waited for data) of the totals `reduce` sums over the ranks, handed to `after_epoch`
+    (Ray's report and checkpoint). Returns the records."""
     started, records = time.perf_counter(), []
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.perf_counter()
-        totals = train_epoch(learner, images, labels, epoch, cfg, rank, world_size, device)
+        totals, waited = train_epoch(learner, batches_of_epoch(epoch), epoch, cfg, rank, device)
         loss_sum, correct, count = reduce(totals).tolist()
+        seconds = time.perf_counter() - epoch_started
         record = {
             "epoch": epoch + 1,
             "loss": loss_sum / count,  # mean over every image of every rank this epoch
             "accuracy": correct / count,
-            "images_per_s": count / (time.perf_counter() - epoch_started),
+            "images_per_s": count / seconds,
             "elapsed_s": time.perf_counter() - started,
+            "data_wait_s": waited,  # rank 0's (or this rank's): time the loop stood waiting for a batch
         }
         records.append(record)
         after_epoch(record)

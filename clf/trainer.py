@@ -26,10 +26,10 @@ from ray.train.torch import TorchTrainer
 from clf import checkpoint as ckpt
 from clf import runtime
 from clf.config import TrainConfig
-from clf.data import CLASSES, Split
+from clf.data import Split, TrainingData
 from clf.errors import ClfError, ConfigError
 from clf.runtime import TrainPlan
-from clf.train import Learner, make_learner, new_model, train_epochs
+from clf.train import Learner, array_batches, make_learner, new_model, rank_batch_size, train_epochs
 
 # The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
 RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
@@ -50,9 +50,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads"])
     ctx = ray.train.get_context()
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-    images, labels = (ray.get(ref) for ref in loop_config["train"])
+    classes, num_train = loop_config["classes"], loop_config["num_train"]
+    batches_of_epoch = _batches(loop_config, cfg, rank, world_size)
 
-    model, state = new_model(cfg), None
+    model, state = new_model(cfg, len(classes)), None
     resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as folder:
@@ -61,20 +62,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _say(f"resumed from the checkpoint after epoch {state['epoch']}")
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world_size > 1
-    learner = make_learner(cfg, model, len(labels), state)
+    learner = make_learner(cfg, model, num_train, state)
     start_epoch = state["epoch"] if state else 0
     history = list(state["history"]) if state else []
-
     nodes = _node_of_each_rank()
 
     def report(record: dict) -> None:
         # 0: this attempt started from scratch; fewer workers than asked after a lost node, if elastic.
         record |= {"resumed_from_epoch": start_epoch, "workers": world_size, "nodes": nodes}
         history.append(record)
-        _report(record, learner, history, rank, cfg)
+        _report(record, learner, history, rank, cfg, classes, loop_config["data"])
 
-    train_epochs(learner, images, labels, cfg, start_epoch=start_epoch, rank=rank, world_size=world_size,
-                 device=device, reduce=_all_reduce, after_epoch=report)
+    train_epochs(learner, batches_of_epoch, cfg, start_epoch=start_epoch, rank=rank, device=device,
+                 reduce=_all_reduce, after_epoch=report)
+
+
+def _batches(loop_config: dict, cfg: TrainConfig, rank: int, world_size: int):
+    """This rank's batches for an epoch: cut from the in-memory arrays the driver put in the object store, or
+    streamed from its shard of the Ray Dataset (Ray Train splits it equally between the ranks)."""
+    if "arrays" in loop_config:
+        images, labels = (ray.get(ref) for ref in loop_config["arrays"])
+        return lambda epoch: array_batches(images, labels, epoch, cfg, rank, world_size)
+    shard = ray.train.get_dataset_shard("train")
+
+    def stream(epoch: int):
+        for batch in shard_batches(shard, loop_config["num_train"], epoch, cfg, rank, world_size):
+            yield batch["image"], batch["label"]
+
+    return stream
+
+
+def shard_batches(shard, num_train: int, epoch: int, cfg: TrainConfig, rank: int, world_size: int):
+    """One epoch of a rank's shard of the training Dataset, as numpy batches (id, label, image, path): at most
+    `steps_per_epoch` of them, so every rank takes the same optimizer steps as the schedule counts. Shuffled
+    within a window of a few batches, seeded per epoch and rank."""
+    size = rank_batch_size(num_train, world_size, cfg.batch_size)
+    return shard.iter_batches(batch_size=size, batch_format="numpy", local_shuffle_buffer_size=4 * size,
+                              local_shuffle_seed=(cfg.seed * 1009 + epoch) * 101 + rank)
 
 
 def _node_of_each_rank() -> list[str]:
@@ -94,7 +118,8 @@ def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
     return totals.cpu()
 
 
-def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg: TrainConfig) -> None:
+def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg: TrainConfig, classes: list[str],
+            data: str) -> None:
     """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, as the weights agree."""
     if rank != 0:
         ray.train.report(record)
@@ -109,10 +134,10 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
             "optimizer": learner.optimizer.state_dict(),
             "scheduler": learner.scheduler.state_dict(),
             "epoch": record["epoch"],  # epochs completed
-            "settings": run_settings(cfg),
+            "settings": run_settings(cfg, data),
             "history": history,
         }
-        ckpt.save(folder, learner.model, CLASSES, train_state)
+        ckpt.save(folder, learner.model, classes, train_state)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -126,8 +151,9 @@ def _say(line: str) -> None:
 # --- On the driver ---------------------------------------------------------------------------------------
 
 
-def run_settings(cfg: TrainConfig) -> dict:
-    return {name: getattr(cfg, name) for name in RESUME_SETTINGS}
+def run_settings(cfg: TrainConfig, data: str) -> dict:
+    """What a resumed run must share with the run it resumes: the settings and the data's identity."""
+    return {name: getattr(cfg, name) for name in RESUME_SETTINGS} | {"data": data}
 
 
 def storage_uri(storage_path: str | None) -> str:
@@ -154,19 +180,25 @@ def storage_note(cfg: TrainConfig, cluster: runtime.Cluster) -> str | None:
             "local path: every node must see it as the same shared folder (NFS), or use s3:// or gs://")
 
 
-def resume_notice(cfg: TrainConfig) -> str:
+def resume_notice(cfg: TrainConfig, data: str) -> str:
     """What becomes of this run name: a new run, or the resumption of an earlier one of the same name in the
-    storage (refused, with ConfigError, when that one was started with other settings)."""
+    storage (refused, with ConfigError, when that one was started with other settings or data)."""
     earlier = _previous_run(cfg)
     if earlier is None:
         return (f"run {cfg.run_name}: checkpoints in {run_folder(cfg)} "
                 f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)")
-    before, now = earlier.get("settings", {}), run_settings(cfg)
-    changed = [f"{name} {before.get(name)!r} -> {now[name]!r}" for name in now if before.get(name) != now[name]]
+    before, now = earlier.get("settings", {}), run_settings(cfg, data)
+    changed = [f"{name} {before.get(name)!r} -> {now[name]!r}" for name in RESUME_SETTINGS if before.get(name) != now[name]]
     if changed:
         raise ConfigError(
             f"run {cfg.run_name!r} in {storage_uri(cfg.storage_path)} was started with other settings "
             f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
+        )
+    if before.get("data", data) != data:  # checkpoints from before the data was recorded: not refused
+        raise ConfigError(
+            f"run {cfg.run_name!r} in {storage_uri(cfg.storage_path)} was started on other data (its files, "
+            f"their labels or sizes changed: {before['data']} -> {data}); resume it with its own files or "
+            "choose a new --run-name"
         )
     if earlier["epoch"] >= cfg.epochs:
         return f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): evaluating its final model"
@@ -185,18 +217,27 @@ def _previous_run(cfg: TrainConfig) -> dict | None:
         return ckpt.load_train_state(folder)
 
 
-def fit(cfg: TrainConfig, plan: TrainPlan, train: Split) -> Fitted:
+def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
     """Train with a TorchTrainer on the connected Ray cluster, as `plan` says."""
     runtime.prepare_fit()
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    loop_config = {
+        "config": dataclasses.asdict(cfg),
+        "threads": plan.cpus_per_worker,
+        "classes": data.classes,
+        "num_train": data.num_train,
+        "data": data.identity,
+    }
+    datasets = None
+    if isinstance(data.train, Split):
+        # Put once by the driver; workers read them from the object store instead of the disk.
+        loop_config["arrays"] = (ray.put(data.train.images), ray.put(data.train.labels))
+    else:
+        datasets = {"train": data.train}  # Ray Train gives each rank an equal shard
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": dataclasses.asdict(cfg),
-            "threads": plan.cpus_per_worker,
-            # Put once by the driver; workers read them from the object store instead of the disk.
-            "train": (ray.put(train.images), ray.put(train.labels)),
-        },
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(
             # Elastic: start with what can be placed, down to min_workers; after a lost node, wait for a
             # replacement only as long as RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), then go on with

@@ -68,3 +68,31 @@ def write_broken(folder: Path) -> dict[str, str]:
     whole.unlink()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     return {"empty.jpg": "empty", "notes.png": "not an image", "truncated.jpg": "truncated"}
+
+
+# A store's own classes for the catalog tests: four well-separated Fashion-MNIST classes, under its names.
+STORE_CLASSES = {"bags": 8, "dresses": 3, "sneakers": 7, "trousers": 1}
+
+
+def write_labelled_catalog(folder: Path, images: np.ndarray, labels: np.ndarray, per_class: int, seed: int = 0,
+                           skip: int = 0) -> dict[str, list[Path]]:
+    """PATH/<class>/<photos>: `per_class` photos of each of STORE_CLASSES, rendered from the first images of
+    that Fashion-MNIST class after the first `skip` of them; returns the paths by class."""
+    written = {}
+    for name, label in STORE_CLASSES.items():
+        chosen = images[labels == label][skip : skip + per_class]
+        written[name] = write_catalog(folder / name, chosen, seed=seed + label)
+    return written
+
+
+def write_broken_into_classes(folder: Path) -> dict[str, str]:
+    """One file that cannot be read in each class folder; {relative path: a word its reason contains}."""
+    broken = {}
+    for name, (file, word) in zip(sorted(STORE_CLASSES), write_broken(folder / ".broken").items()):
+        (folder / ".broken" / file).rename(folder / name / file)
+        broken[f"{name}/{file}"] = word
+    blank = folder / sorted(STORE_CLASSES)[-1] / "blank.png"
+    Image.new("RGB", (64, 64), (240, 238, 230)).save(blank)
+    broken[f"{blank.parent.name}/{blank.name}"] = "no item found"
+    (folder / ".broken").rmdir()
+    return broken

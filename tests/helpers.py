@@ -25,6 +25,12 @@ def real_subset(real: data.FashionMNIST, n: int, seed: int) -> data.Split:
     return data.Split(images=real.train.images[keep], labels=real.train.labels[keep])
 
 
+def training_data(split: data.Split) -> data.TrainingData:
+    """Fashion-MNIST-like training data for fit(): `split` to train on (evaluated on its first 100 images)."""
+    test = data.Split(images=split.images[:100], labels=split.labels[:100])
+    return data.FashionMNIST(train=split, test=test, source="a subset").prepare()
+
+
 def html_references(html: str) -> list[tuple[str, str]]:
     """(tag, value) of every src and href in an HTML page."""
 

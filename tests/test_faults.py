@@ -1,12 +1,6 @@
 """Real faults: a training worker process killed with SIGKILL mid-run."""
 
-import contextlib
-import os
-import signal
-import threading
-import time
 
-import psutil
 import pytest
 
 from clf import checkpoint
@@ -14,50 +8,15 @@ from clf.config import TrainConfig
 from clf.errors import ClfError
 from clf.runtime import TrainPlan
 from clf.trainer import fit
-from tests.helpers import real_subset
+from tests.faults import worker_killed_after_first_checkpoint
+from tests.helpers import real_subset, training_data
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def subset(real_data):
-    return real_subset(real_data, 8000, seed=1)
-
-
-def training_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-def kill_worker_after_first_checkpoint(run_dir, killed: list) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        # Ray Train writes this file once it has registered a checkpoint: a restart can then use it.
-        if (run_dir / "checkpoint_manager_snapshot.json").is_file():
-            for worker in training_workers():
-                worker.send_signal(signal.SIGKILL)
-                killed.append(worker.pid)
-            return
-        time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def worker_killed_after_first_checkpoint(run_dir):
-    """While the block runs, SIGKILL the training worker once Ray Train has registered a checkpoint;
-    yields the list of pids killed."""
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_after_first_checkpoint, args=(run_dir, killed))
-    killer.start()
-    try:
-        yield killed
-    finally:
-        killer.join()
+    return training_data(real_subset(real_data, 8000, seed=1))
 
 
 ONE_WORKER = TrainPlan(num_workers=1, min_workers=1, cpus_per_worker=2, use_gpu=False)

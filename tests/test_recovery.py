@@ -4,18 +4,16 @@ a worker node lost mid-training on a two-node loopback cluster."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint
 from tests.helpers import ROOT, real_dataset_dir
-from tests.ray_cluster import LocalCluster, kill_survivors
+from tests.ray_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -25,42 +23,6 @@ TRAIN = str(ROOT / "jobs" / "train.py")
 @pytest.fixture(scope="module")
 def data_dir(real_data, tmp_path_factory):
     return real_dataset_dir(real_data, tmp_path_factory.mktemp("data"), n_train=6000, n_test=1000)
-
-
-def start_driver(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, TRAIN, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT
-    )
-
-
-def wait_for_checkpoint(run_dir: Path, driver: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    """Until Ray Train has registered a checkpoint of the run (a restart can then resume from it)."""
-    deadline = time.monotonic() + timeout
-    while not (run_dir / "checkpoint_manager_snapshot.json").is_file():
-        if driver.poll() is not None:
-            pytest.fail(f"the driver ended (exit {driver.returncode}) before a checkpoint:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no checkpoint registered in {run_dir} within {timeout} s")
-        time.sleep(0.1)
-
-
-def kill_driver(driver: subprocess.Popen) -> None:
-    """SIGKILL the driver alone, as a crash or an OOM kill would; then stop what it had started (its
-    embedded Ray) if that outlives it."""
-    started = psutil.Process(driver.pid).children(recursive=True)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
-    kill_survivors(started, grace_s=15)
-
-
-def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> str:
-    try:
-        driver.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_driver(driver)
-        pytest.fail(f"the driver did not finish within {timeout} s:\n{log.read_text()[-3000:]}")
-    return log.read_text()
 
 
 def test_a_killed_driver_started_again_resumes_its_run(data_dir, tmp_path):

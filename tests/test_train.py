@@ -12,7 +12,7 @@ from clf.errors import CheckpointError
 from clf.runtime import TrainPlan
 from clf.train import epoch_batches, shard_order
 from clf.trainer import fit
-from tests.helpers import real_subset
+from tests.helpers import real_subset, training_data
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,8 @@ def small_train(real_data):
 
 def train(split, tmp_path, name, workers=1, **overrides):
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 64, "storage_path": str(tmp_path), "run_name": name, **overrides})
-    return fit(cfg, TrainPlan(num_workers=workers, min_workers=workers, cpus_per_worker=1, use_gpu=False), split)
+    return fit(cfg, TrainPlan(num_workers=workers, min_workers=workers, cpus_per_worker=1, use_gpu=False),
+               training_data(split))
 
 
 def losses(fitted):

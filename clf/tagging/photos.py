@@ -100,3 +100,33 @@ def to_model_image(image: Image.Image) -> np.ndarray:
 def load(data: bytes) -> np.ndarray:
     """File bytes to the model's 28x28 image; PhotoError says why not."""
     return to_model_image(decode(data))
+
+
+def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: each row's file (column `path`) read and brought into the model's domain as `image`,
+    or `error` says why it could not be; the other columns pass through. One bad file never stops the job."""
+    paths = batch["path"]
+    images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_file(path)
+        except PhotoError as e:
+            errors[i] = str(e)
+        except FileNotFoundError:
+            errors[i] = "file not found"
+        except IsADirectoryError:
+            errors[i] = "a folder, not a file"
+        except PermissionError:
+            errors[i] = "permission denied"
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the job; its row says why
+            errors[i] = f"could not read or decode ({type(e).__name__}: {first_line(e)})"
+    return batch | {"image": images, "error": errors}
+
+
+def load_file(path: str) -> np.ndarray:
+    """A photo file to the model's 28x28 image; PhotoError (or OSError) says why not."""
+    if not path:
+        raise PhotoError("empty path")
+    with open(path, "rb") as f:
+        return load(f.read())

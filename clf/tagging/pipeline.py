@@ -12,7 +12,6 @@ writer would write from whichever node Ray picks).
 
 from __future__ import annotations
 
-import collections
 import os
 import time
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ import ray.data
 from clf import checkpoint as ckpt
 from clf import runtime
 from clf.config import TagConfig
-from clf.data import IMAGE_SIZE
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
-from clf.report import text_table
+from clf.report import reasons, text_table
 from clf.runtime import InferPlan
 from clf.tagging import photos
 
@@ -95,31 +93,6 @@ def list_inputs(source: str) -> list[str]:
     return [str(base / p) if p and not os.path.isabs(p) else str(p) for p in column.fillna("").astype(str)]
 
 
-def read_and_prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task: each row's file read and brought into the model's domain, or why it could not be."""
-    paths = batch["path"]
-    images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    errors = np.full(len(paths), "", dtype=object)
-    for i, path in enumerate(paths):
-        try:
-            if not path:
-                raise photos.PhotoError("empty path")
-            with open(path, "rb") as f:
-                data = f.read()
-            images[i] = photos.load(data)
-        except photos.PhotoError as e:
-            errors[i] = str(e)
-        except FileNotFoundError:
-            errors[i] = "file not found"
-        except IsADirectoryError:
-            errors[i] = "a folder, not a file"
-        except PermissionError:
-            errors[i] = "permission denied"
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the job; its row says why
-            errors[i] = f"could not read or decode ({type(e).__name__}: {first_line(e)})"
-    return {"index": batch["index"], "path": paths, "image": images, "error": errors}
-
-
 def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) -> pd.DataFrame:
     """The predictor's output as tag rows; a row with an error gets no tag."""
     ok = (batch["error"] == "").to_numpy()
@@ -168,7 +141,7 @@ def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], classes: list[str]) 
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
     blocks = max(1, min(len(paths), -(-len(paths) // cfg.batch_size)))
     prepared = ray.data.from_pandas(listing).repartition(blocks).map_batches(
-        read_and_prepare, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
+        photos.read_photos, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
     )
     return predict(prepared, os.path.abspath(cfg.checkpoint), plan, cfg.batch_size, top_k=TOP_K).map_batches(
         to_rows, fn_kwargs={"classes": classes, "review_threshold": cfg.review_threshold}, batch_format="pandas"
@@ -201,10 +174,9 @@ def summary(result: TagResult, review_threshold: float) -> str:
     if len(counts):
         lines.append(text_table(counts.rename_axis("tag").reset_index(name="count")))
     lines.append(f"needs review (confidence below {review_threshold:.2f}): {int(rows['needs_review'].sum()):,}")
-    reasons = collections.Counter(e.split(" (")[0] for e in rows["error"] if e)
     failed = f"failed: {result.failed:,}"
-    if reasons:
-        failed += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")"
+    if result.failed:
+        failed += f" ({reasons(rows['error'])})"
     lines.append(failed)
     nodes = ", ".join(f"{node[:8]} {n:,} files" for node, n in sorted(result.nodes.items()))
     lines.append(f"predictor actors ran on {len(result.nodes)} node(s): {nodes}")

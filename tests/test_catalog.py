@@ -1,0 +1,310 @@
+"""Training on a store's own catalog: labelled photos (rendered from Fashion-MNIST test images, four
+well-separated classes under the store's own names, broken files among them) listed, split, read by Ray
+Data and streamed to the training workers; evaluated and tagged with the store's class names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clf import catalog, data
+from clf.config import TrainConfig
+from clf.runtime import TrainPlan
+from clf.trainer import fit
+from tests.catalog import STORE_CLASSES, write_broken_into_classes, write_labelled_catalog
+from tests.helpers import ROOT
+from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint, worker_killed_after_first_checkpoint
+
+TRAIN = str(ROOT / "jobs" / "train.py")
+TAG = str(ROOT / "jobs" / "tag.py")
+PER_CLASS = 150
+
+
+def listing(pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(pairs, columns=["path", "label"])
+
+
+# --- Listing and splitting, no Ray -----------------------------------------------------------------------
+
+
+def test_the_split_depends_on_the_files_and_the_seed_alone():
+    files = listing([(f"/c/{label}/{i:03d}.jpg", label) for label in ("a", "b", "c") for i in range(40)])
+    train, held = catalog.hold_out(files, 0.1, seed=0)
+    assert held.groupby("label").size().to_dict() == {"a": 4, "b": 4, "c": 4}  # stratified
+    assert not set(train["path"]) & set(held["path"]) and len(train) + len(held) == 120
+    shuffled = files.sample(frac=1, random_state=5)
+    assert set(catalog.hold_out(shuffled, 0.1, seed=0)[1]["path"]) == set(held["path"])  # any order
+    assert set(catalog.hold_out(files, 0.1, seed=1)[1]["path"]) != set(held["path"])  # another seed
+
+
+def test_a_folder_and_a_listing_list_the_same_photos(tmp_path):
+    for name in ("bags", "shoes"):
+        (tmp_path / "shop" / name / "sub").mkdir(parents=True)
+        (tmp_path / "shop" / name / "a.jpg").write_bytes(b"x")
+        (tmp_path / "shop" / name / "sub" / "b.png").write_bytes(b"x")
+        (tmp_path / "shop" / name / ".DS_Store").write_bytes(b"x")
+    pd.DataFrame({"path": ["shop/bags/a.jpg", "shop/bags/sub/b.png", "shop/shoes/a.jpg", "shop/shoes/sub/b.png"],
+                  "label": ["bags", "bags", "shoes", "shoes"]}).to_parquet(tmp_path / "list.parquet")
+    folder = catalog.list_labelled(str(tmp_path / "shop"), "--train-data")
+    listed = catalog.list_labelled(str(tmp_path / "list.parquet"), "--train-data")
+    assert sorted(map(tuple, folder.to_numpy())) == sorted(map(tuple, listed.to_numpy()))
+    assert len(folder) == 4
+
+
+# --- The real thing ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shop(real_data, tmp_path_factory):
+    """The catalog folder (PER_CLASS photos a class, broken files among them), a Parquet listing of the same
+    files with relative paths, and new photos of the same classes to tag."""
+    root = tmp_path_factory.mktemp("shop")
+    test = real_data.test
+    write_labelled_catalog(root / "catalog", test.images, test.labels, PER_CLASS)
+    broken = write_broken_into_classes(root / "catalog")
+    rows = [(str(p.relative_to(root)), p.parent.name) for p in sorted((root / "catalog").rglob("*")) if p.is_file()]
+    pd.DataFrame(rows, columns=["path", "label"]).sample(frac=1, random_state=1).to_parquet(root / "listing.parquet")
+    new = write_labelled_catalog(root / "new", test.images, test.labels, 10, seed=7, skip=PER_CLASS)
+    return root, broken, new
+
+
+def train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def folder_run(shop, tmp_path_factory):
+    root, _, _ = shop
+    out = tmp_path_factory.mktemp("runs") / "folder"
+    proc = train_cli("--train-data", str(root / "catalog"), "--epochs", "3", "--batch-size", "32", "--output", str(out),
+                     "--storage-path", str(out.parent / "storage"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_trains_on_the_catalog_and_lists_exactly_the_broken_files(shop, folder_run):
+    root, broken, _ = shop
+    out, log = folder_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == sorted(STORE_CLASSES)
+    assert metrics["accuracy"] >= 0.80, metrics["accuracy"]
+    skipped = {str(Path(s["path"]).relative_to(root / "catalog")): s["reason"] for s in metrics["skipped_files"]}
+    assert sorted(skipped) == sorted(broken)
+    for name, word in broken.items():
+        assert word in skipped[name]
+    assert f"skipped {len(broken)} file(s) that cannot be read" in log
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    rows = pd.read_parquet(out / "predictions.parquet")
+    assert list(rows.columns) == ["id", "path", "label", "prediction", "confidence"]
+    # 15 of each class's 151 files held out, less the broken files that fell among them.
+    assert metrics["count"] == len(rows) and 60 - len(broken) <= len(rows) <= 60
+    assert metrics["accuracy"] == pytest.approx(np.mean(rows["label"] == rows["prediction"]), abs=1e-6)
+    assert json.loads((out / "checkpoint" / "model.json").read_text())["classes"] == sorted(STORE_CLASSES)
+    assert (out / "mistakes.png").is_file() and "bags" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_listing_of_the_same_files_gives_the_same_split_and_metrics(shop, folder_run, tmp_path):
+    root, _, _ = shop
+    folder_out, _ = folder_run
+    out = tmp_path / "listing"
+    proc = train_cli("--train-data", str(root / "listing.parquet"), "--epochs", "3", "--batch-size", "32",
+                     "--output", str(out),
+                     "--storage-path", str(tmp_path / "storage"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = pd.read_parquet(out / "predictions.parquet")
+    assert sorted(held["path"]) == sorted(pd.read_parquet(folder_out / "predictions.parquet")["path"])
+    by_folder = json.loads((folder_out / "metrics.json").read_text())
+    by_listing = json.loads((out / "metrics.json").read_text())
+    assert by_listing["data_identity"] == by_folder["data_identity"]
+    assert abs(by_listing["accuracy"] - by_folder["accuracy"]) <= 0.005
+
+
+@pytest.mark.slow
+def test_tagging_with_the_catalog_model_gives_the_stores_names(shop, folder_run, tmp_path):
+    root, _, new = shop
+    out, _ = folder_run
+    proc = subprocess.run([sys.executable, TAG, "--checkpoint", str(out / "checkpoint"), "--input", str(root / "new"),
+                           "--output", str(tmp_path / "tags")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tags = pd.read_parquet(tmp_path / "tags" / "tags.parquet")
+    assert set(tags["tag"]) <= set(STORE_CLASSES)
+    truth = tags["path"].map(lambda p: Path(p).parent.name)
+    assert (tags["tag"] == truth).mean() >= 0.8
+
+
+# --- Bad input: one line, its exit code, no outputs ---------------------------------------------------------
+
+
+def catalog_of(folder: Path, classes: dict[str, int], real: data.FashionMNIST, per_class: int = 3) -> Path:
+    for name, label in classes.items():
+        from tests.catalog import write_catalog
+
+        write_catalog(folder / name, real.test.images[real.test.labels == label][:per_class])
+    return folder
+
+
+def no_path_label_listing(tmp_path, real):
+    pd.DataFrame({"file": ["a.jpg"], "class": ["bags"]}).to_csv(tmp_path / "list.csv", index=False)
+    return ["--train-data", str(tmp_path / "list.csv")]
+
+
+def no_class_folders(tmp_path, real):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    return ["--train-data", str(tmp_path / "flat")]
+
+
+def one_class(tmp_path, real):
+    return ["--train-data", str(catalog_of(tmp_path / "one", {"bags": 8}, real))]
+
+
+def eval_class_unknown_to_training(tmp_path, real):
+    train = catalog_of(tmp_path / "train", {"bags": 8, "shoes": 7}, real)
+    held = catalog_of(tmp_path / "held", {"bags": 8, "hats": 1}, real)
+    return ["--train-data", str(train), "--eval-data", str(held)]
+
+
+def class_without_a_readable_photo(tmp_path, real):
+    shop = catalog_of(tmp_path / "shop", {"bags": 8, "shoes": 7}, real, per_class=6)
+    (shop / "hats").mkdir()
+    for i in range(2):
+        (shop / "hats" / f"{i}.jpg").write_bytes(b"")
+    return ["--train-data", str(shop)]
+
+
+def mostly_unreadable(tmp_path, real):
+    shop = catalog_of(tmp_path / "shop", {"bags": 8, "shoes": 7}, real, per_class=2)
+    for name in ("bags", "shoes"):
+        for i in range(3):
+            (shop / name / f"bad-{i}.jpg").write_text("not a photo")
+    return ["--train-data", str(shop)]
+
+
+def with_data_dir(tmp_path, real):
+    return ["--train-data", str(tmp_path), "--data-dir", str(tmp_path)]
+
+
+def eval_data_alone(tmp_path, real):
+    return ["--eval-data", str(tmp_path)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make_args, code, complaint",
+    [
+        (with_data_dir, 2, "--train-data replaces Fashion-MNIST: it does not go with --data-dir"),
+        (eval_data_alone, 2, "--eval-data needs --train-data"),
+        (no_path_label_listing, 1, "needs `path` and `label` columns (it has: file, class)"),
+        (no_class_folders, 1, "holds no class sub-folders"),
+        (one_class, 1, "has 1 class(es); a classifier needs two or more"),
+        (eval_class_unknown_to_training, 1, "the evaluation photos have class 'hats', which the training photos lack"),
+        (class_without_a_readable_photo, 1, "class 'hats' of"),
+        (mostly_unreadable, 1, "6 of the 10 photos in"),
+    ],
+)
+def test_bad_catalogs_are_one_line_errors_and_leave_no_outputs(real_data, tmp_path, make_args, code, complaint):
+    out = tmp_path / "runs" / "r"
+    proc = train_cli(*make_args(tmp_path, real_data), "--output", str(out), "--storage-path", str(tmp_path / "s"))
+    assert proc.returncode == code, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and complaint in errors[0], proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in proc.stderr
+    assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+
+
+# --- Sharding, faults and resuming on this path ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, shop):
+    root, _, _ = shop
+    return catalog.open_catalog(TrainConfig(train_data=str(root / "catalog"))).prepare()
+
+
+def record_ids_seen(loop_config: dict) -> None:
+    """A training loop that records the ids of the rows each rank's batches hold, each epoch."""
+    import ray.train
+
+    from clf.trainer import shard_batches
+
+    cfg = TrainConfig(**loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(2):
+        batches = list(shard_batches(shard, loop_config["num_train"], epoch, cfg, rank, world))
+        ids = np.concatenate([b["id"] for b in batches])
+        np.save(Path(loop_config["out"]) / f"epoch{epoch}-rank{rank}.npy", ids)
+        (Path(loop_config["out"]) / f"epoch{epoch}-rank{rank}.steps").write_text(str(len(batches)))
+
+
+@pytest.mark.slow
+def test_two_workers_see_disjoint_shards_that_cover_the_training_split(prepared, tmp_path):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from clf.train import steps_per_epoch
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+    cfg = TrainConfig(batch_size=64)
+    TorchTrainer(
+        record_ids_seen, datasets={"train": prepared.train},
+        train_loop_config={"config": {"batch_size": 64}, "num_train": prepared.num_train, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "storage")),
+    ).fit()
+    train_ids = set(prepared.train.select_columns(["id"]).to_pandas()["id"])
+    for epoch in range(2):
+        seen = [np.load(tmp_path / f"epoch{epoch}-rank{rank}.npy") for rank in range(2)]
+        assert len(seen[0]) == len(seen[1]) == prepared.num_train // 2  # equal: a DDP step needs every rank
+        assert not set(seen[0]) & set(seen[1])
+        assert set(seen[0]) | set(seen[1]) <= train_ids
+        assert len(train_ids - set(seen[0]) - set(seen[1])) <= 1  # world size - 1 rows may be dropped
+        steps = {int((tmp_path / f"epoch{epoch}-rank{rank}.steps").read_text()) for rank in range(2)}
+        assert len(steps) == 1 and steps.pop() <= steps_per_epoch(prepared.num_train, cfg.batch_size)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_on_the_catalog_path(prepared, tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=32, storage_path=str(tmp_path), run_name="catalog", max_failures=2)
+    with worker_killed_after_first_checkpoint(tmp_path / "catalog") as killed:
+        fitted = fit(cfg, TrainPlan(1, 1, 2, False), prepared)
+    assert killed
+    assert [h["epoch"] for h in fitted.history] == [1, 2, 3, 4]
+    assert fitted.history[-1]["resumed_from_epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_by_name_and_a_changed_catalog_is_refused(shop, tmp_path):
+    root, _, _ = shop
+    photos = shutil.copytree(root / "catalog", tmp_path / "catalog")
+    storage = tmp_path / "storage"
+    common = ["--train-data", str(photos), "--epochs", "4", "--batch-size", "32", "--storage-path", str(storage),
+              "--run-name", "shop"]
+    first_log = tmp_path / "first.log"
+    first = start_driver([*common, "--output", str(tmp_path / "first")], first_log)
+    wait_for_checkpoint(storage / "shop", first, first_log)
+    kill_driver(first)
+
+    second_log = tmp_path / "second.log"
+    second = start_driver([*common, "--output", str(tmp_path / "second")], second_log)
+    out = finish(second, second_log)
+    assert second.returncode == 0, out[-3000:]
+    assert "run shop has a checkpoint after epoch" in out
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["history"][-1]["resumed_from_epoch"] >= 1
+
+    shutil.copy(photos / "bags" / "photo-00000.jpg", photos / "bags" / "photo-99999.jpg")  # the catalog grew
+    third = train_cli(*common, "--output", str(tmp_path / "third"))
+    assert third.returncode == 2
+    assert "run 'shop'" in third.stderr and "was started on other data" in third.stderr
+    assert "Traceback" not in third.stderr and not (tmp_path / "third").exists()
