@@ -220,7 +220,22 @@ def _previous_run(cfg: TrainConfig) -> dict | None:
 def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
     """Train with a TorchTrainer on the connected Ray cluster, as `plan` says."""
     runtime.prepare_fit()
-    resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    with runtime.ctrl_c_kept():
+        try:
+            result = _trainer(cfg, plan, data).fit()
+        except Exception as e:
+            failure = runtime.training_failure(e)
+            if failure is e:
+                raise  # a bug of ours: its traceback, and the worker's in Ray's message
+            raise failure from None
+    if result.checkpoint is None:
+        raise ClfError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        history = ckpt.load_train_state(folder).get("history", [])  # none in older checkpoints
+    return Fitted(result.checkpoint, history)
+
+
+def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> TorchTrainer:
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
@@ -234,7 +249,7 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
         loop_config["arrays"] = (ray.put(data.train.images), ray.put(data.train.labels))
     else:
         datasets = {"train": data.train}  # Ray Train gives each rank an equal shard
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         datasets=datasets,
@@ -244,7 +259,7 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
             # the workers that fit.
             num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
             use_gpu=plan.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
             placement_strategy=plan.placement,
         ),
         run_config=RunConfig(
@@ -257,16 +272,3 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
         ),
     )
-    with runtime.ctrl_c_kept():
-        try:
-            result = trainer.fit()
-        except Exception as e:
-            failure = runtime.training_failure(e)
-            if failure is e:
-                raise  # a bug of ours: its traceback, and the worker's in Ray's message
-            raise failure from None
-    if result.checkpoint is None:
-        raise ClfError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        history = ckpt.load_train_state(folder).get("history", [])  # none in older checkpoints
-    return Fitted(result.checkpoint, history)

@@ -62,3 +62,13 @@ def one_epoch(tmp_path_factory):
     result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
     result["output"] = Path(result["output"])
     return SimpleNamespace(**result, listening=listening, log=stdout + stderr)
+
+
+@pytest.fixture(scope="session")
+def small_catalog(real_data, tmp_path_factory) -> Path:
+    """A store's catalog folder for the cluster tests: 4 classes x 40 photos (tests/catalog.py)."""
+    from tests.catalog import write_labelled_catalog
+
+    folder = tmp_path_factory.mktemp("small-catalog")
+    write_labelled_catalog(folder, real_data.test.images, real_data.test.labels, per_class=40)
+    return folder

@@ -303,7 +303,8 @@ def test_a_killed_driver_resumes_by_name_and_a_changed_catalog_is_refused(shop, 
     assert "run shop has a checkpoint after epoch" in out
     assert json.loads((tmp_path / "second" / "metrics.json").read_text())["history"][-1]["resumed_from_epoch"] >= 1
 
-    shutil.copy(photos / "bags" / "photo-00000.jpg", photos / "bags" / "photo-99999.jpg")  # the catalog grew
+    first = sorted((photos / "bags").glob("photo-*"))[0]
+    shutil.copy(first, first.with_stem("photo-99999"))  # the catalog grew
     third = train_cli(*common, "--output", str(tmp_path / "third"))
     assert third.returncode == 2
     assert "run 'shop'" in third.stderr and "was started on other data" in third.stderr

@@ -65,8 +65,12 @@ def test_metrics_json_equals_a_recomputation_from_predictions(one_epoch, real_da
     assert {"load_data_s", "train_s", "inference_s", "total_s"} <= set(metrics["timings"])
     assert metrics["provenance"]["packages"]["ray"]
     assert [h["epoch"] for h in metrics["history"]] == [1]
-    assert metrics["plan"]["training"] == {"num_workers": 1, "min_workers": 1, "cpus_per_worker": 2, "use_gpu": False}
+    assert metrics["plan"]["training"] == {"num_workers": 1, "min_workers": 1, "cpus_per_worker": 2, "use_gpu": False,
+                                          "placement": "SPREAD", "waits_for_nodes": False}
     assert metrics["plan"]["inference"]["num_actors"] >= 1
+    assert len(metrics["placement"]["training_workers"]) == 1
+    assert sum(actor["rows"] for actor in metrics["placement"]["inference_actors"]) == 10_000
+    assert metrics["skipped_files"] == [] and metrics["data_identity"] == "fashion-mnist"
 
 
 def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):

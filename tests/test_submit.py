@@ -80,3 +80,14 @@ def test_job_submit_without_the_token_is_refused(cluster):
     )
     assert proc.returncode != 0
     assert "Authentication" in proc.stdout + proc.stderr
+
+
+def test_job_submit_trains_on_a_stores_catalog(cluster, small_catalog, tmp_path):
+    out = tmp_path / "catalog-run"
+    proc = cluster.submit("python", "jobs/train.py", "--train-data", str(small_catalog), "--epochs", "2",
+                          "--batch-size", "32", "--output", str(out), working_dir=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["bags", "dresses", "sneakers", "trousers"]
+    assert metrics["count"] == 16 and metrics["skipped_files"] == []  # 4 of each class's 40 held out

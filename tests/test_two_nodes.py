@@ -105,3 +105,15 @@ def test_tagging_uses_predictor_actors_on_both_nodes(cluster, real_data, tmp_pat
         [str(p.resolve()) for p in paths] + [str((tmp_path / "photos" / "broken" / n).resolve()) for n in broken]
     )
     assert "predictor actors ran on 2 node(s)" in log
+
+
+def test_a_stores_catalog_trains_with_a_worker_on_each_node(cluster, small_catalog, tmp_path):
+    out = tmp_path / "catalog-run"
+    proc = cluster.submit("python", "jobs/train.py", "--train-data", str(small_catalog), "--epochs", "2",
+                          "--batch-size", "32", "--output", str(out), "--storage-path", str(tmp_path / "storage"),
+                          working_dir=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)  # a shard on each node
+    assert metrics["count"] == 16 and len(pd.read_parquet(out / "predictions.parquet")) == 16
