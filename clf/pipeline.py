@@ -24,7 +24,7 @@ from clf.runtime import InferPlan, TrainPlan
 
 @dataclass(frozen=True)
 class RunResult:
-    predictions: list[int]  # predicted class of each test image, in test-set order
+    predictions: list[int]  # predicted class of each evaluation image, in id order (Fashion-MNIST: test-set order)
     accuracy: float
     precision: list[float]  # per class, class-index order
     recall: list[float]
@@ -90,7 +90,7 @@ def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, train
         f"training on {training.num_train:,} images of {len(training.classes)} classes from {training.source}: "
         f"{plan.describe()}, {cfg.epochs} epoch(s)",
         plan.waits_for_nodes and f"waiting for the autoscaler to add nodes: {cluster.describe()} are up, too few "
-        f"for {plan.min_workers} worker(s); Ray Train tries to place them for about "
+        f"for {plan.describe()} (at least {plan.min_workers}); Ray Train tries to place them for about "
         f"{runtime.PLACEMENT_WAITS + 1} minutes",
     ):
         if line:

@@ -125,8 +125,8 @@ class Cluster:
         return grown if len(grown) >= len(self.nodes) else list(self.nodes)
 
     def describe(self) -> str:
-        shapes = ", ".join(f"{n.cpus}" + (f"+{n.gpus} GPU" if n.gpus else "") for n in self.nodes)
-        return f"{len(self.nodes)} node(s) of {shapes} CPUs"
+        shapes = ", ".join(f"{n.cpus} CPU" + (f" + {n.gpus} GPU" if n.gpus else "") for n in self.nodes)
+        return f"{len(self.nodes)} node(s): {shapes}"
 
 
 @dataclass(frozen=True)

@@ -74,9 +74,9 @@ def test_training_plan(settings, nodes, plan):
 @pytest.mark.parametrize(
     "settings, nodes, complaint",
     [
-        ({"num_workers": 3, "cpus_per_worker": 1}, LAPTOP, "3 worker(s) x 1 CPU do not fit on the cluster (1 node(s) of 2 CPUs), which holds 2"),
+        ({"num_workers": 3, "cpus_per_worker": 1}, LAPTOP, "3 worker(s) x 1 CPU do not fit on the cluster (1 node(s): 2 CPU), which holds 2"),
         ({"cpus_per_worker": 4}, LAPTOP, "1 worker(s) x 4 CPU do not fit"),
-        ({"cpus_per_worker": 5}, THREE_NODES, "1 worker(s) x 5 CPU do not fit on the cluster (3 node(s) of 4, 4, 4 CPUs), which holds 0"),
+        ({"cpus_per_worker": 5}, THREE_NODES, "1 worker(s) x 5 CPU do not fit on the cluster (3 node(s): 4 CPU, 4 CPU, 4 CPU), which holds 0"),
         ({"num_workers": 2, "cpus_per_worker": 3}, cluster(Node(4), Node(2)), "which holds 1"),
         ({"use_gpu": True}, LAPTOP, "--use-gpu was given but the Ray cluster has no GPU"),
         ({"use_gpu": True, "num_workers": 2}, ONE_GPU, "needs 2 GPUs; the cluster has 1"),
@@ -166,3 +166,18 @@ def test_run_job_gives_known_failures_one_line_and_lets_bugs_through(capsys):
     with pytest.raises(ZeroDivisionError):
         run_job("x", fails(ZeroDivisionError("a bug")))
     assert run_job("x", lambda: 42) == (0, 42)
+
+
+def test_a_run_that_waits_for_the_autoscaler_says_what_it_waits_for(tmp_path, capsys):
+    import numpy as np
+
+    from clf import data, pipeline
+
+    split = data.Split(images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
+    training = data.FashionMNIST(train=split, test=split, source="tiny").prepare()
+    cfg = TrainConfig(use_gpu=True, num_workers=4, storage_path=str(tmp_path), run_name="r")
+    plan = plan_training(cfg, CLUSTER_YAML_AUTOSCALING)
+    pipeline._announce(cfg, CLUSTER_YAML_AUTOSCALING, plan, training)
+    assert ("waiting for the autoscaler to add nodes: 2 node(s): 4 CPU, 4 CPU + 1 GPU are up, too few for "
+            "4 worker(s) x 1 CPU + 1 GPU (at least 4); Ray Train tries to place them for about 11 minutes"
+            ) in capsys.readouterr().out
