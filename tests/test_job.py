@@ -96,7 +96,7 @@ def test_shuffled_inference_gives_the_same_predictions(ray_local, one_epoch, rea
     # One actor on one CPU: the shuffle's tasks need the other.
     shuffled = data.to_ray_dataset(real_data.test).random_shuffle(seed=0)
     rows = predict(shuffled, str(one_epoch.output / "checkpoint"), InferPlan(1, 1, False), batch_size=1024)
-    rows = check_complete(rows.to_pandas(), real_data.test)
+    rows = check_complete(rows.to_pandas(), real_data.prepare().eval_rows)
     assert rows["prediction"].tolist() == one_epoch.predictions
 
 
