@@ -26,7 +26,7 @@ from tests.catalog import STORE_CLASSES, write_labelled_catalog  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--photos", type=int, default=2000, help="photos in the catalog, split over its 4 classes")
+    p.add_argument("--photos", type=int, default=2000, help="photos in the catalog, split over its 4 classes (at most 4,000: 1,000 test images a class)")
     p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
     test = data.load().test

@@ -94,17 +94,21 @@ class Catalog:
     train: pd.DataFrame  # path, label (class name)
     held: pd.DataFrame
     classes: list[str]
+    seed: int
 
     def prepare(self) -> TrainingData:
         """Read and convert every photo once (Ray Data tasks); skip and list the ones that cannot be."""
         frame = pd.concat([self.train.assign(split="train"), self.held.assign(split="eval")], ignore_index=True)
         frame["id"] = np.arange(len(frame))
         frame["label"] = frame["label"].map({name: i for i, name in enumerate(self.classes)}).astype(np.int64)
+        # Rows in a seeded random order: the listing is sorted by class, and the workers' shuffle is local
+        # (a window of a few batches), so blocks in listing order would make batches of one class each.
+        frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
         blocks = max(1, -(-len(frame) // PHOTOS_PER_BLOCK))
         read = ray.data.from_pandas(frame).repartition(blocks).map_batches(
             photos.read_photos, batch_size=PHOTOS_PER_BLOCK, batch_format="numpy").materialize()
-        outcome = read.select_columns(["id", "error"]).to_pandas().set_index("id").sort_index()
-        frame["error"] = outcome["error"].to_numpy()
+        outcome = read.select_columns(["id", "error"]).to_pandas().set_index("id")["error"]
+        frame["error"] = frame["id"].map(outcome)
         skipped = self._check_readable(frame)
         good = frame[frame["error"] == ""]
         train_ids = good.loc[good["split"] == "train", "id"].to_numpy()
@@ -162,4 +166,4 @@ def open_catalog(cfg: TrainConfig) -> Catalog:
         raise DataError(f"the evaluation photos have class {strangers[0]!r}, which the training photos lack")
     if held.empty:
         raise DataError(f"no photo is held out for evaluation from --train-data {cfg.train_data}")
-    return Catalog(source=str(cfg.train_data), train=train, held=held, classes=classes)
+    return Catalog(source=str(cfg.train_data), train=train, held=held, classes=classes, seed=cfg.seed)
