@@ -118,7 +118,7 @@ class Catalog:
             train=_only(read, train_ids), num_train=len(train_ids), eval_rows=eval_rows,
             eval_dataset=lambda: _only(read, eval_rows["id"].to_numpy()).drop_columns(["error", "split"]),
             images_of=lambda ids: _images(eval_rows.set_index("id").loc[ids, "path"]),
-            skipped=skipped,
+            skipped=skipped, eval_name="evaluation photos",
         )
 
     def _check_readable(self, frame: pd.DataFrame) -> list[dict]:

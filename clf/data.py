@@ -73,6 +73,7 @@ class TrainingData:
     eval_dataset: Callable[[], Any]  # a Ray Dataset of the evaluation rows, with their images
     images_of: Callable[[np.ndarray], np.ndarray]  # evaluation ids -> their 28x28 images (the report's)
     skipped: list[dict] = field(default_factory=list)  # files left out: {"path", "reason"}
+    eval_name: str = "test images"  # what the evaluation rows are, for people
 
 
 @dataclass(frozen=True)

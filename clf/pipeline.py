@@ -76,7 +76,7 @@ def run(cfg: TrainConfig) -> RunResult:
             fitted.checkpoint.to_directory(str(staging / "checkpoint"))
             _write(staging, cfg, (train_plan, infer_plan), training, fitted.history, rows, scores, clock)
     print(report.history_table(fitted.history), flush=True)
-    print(report.table(scores, training.classes), flush=True)
+    print(report.table(scores, training.classes, training.eval_name), flush=True)
     return RunResult(rows["prediction"].tolist(), scores.accuracy, scores.precision, scores.recall,
                      training.classes, output, fitted.history, clock.total())
 

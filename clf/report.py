@@ -55,8 +55,8 @@ def text_table(frame: pd.DataFrame) -> str:
                            formatters={c: (lambda width: lambda s: s.ljust(width))(w) for c, w in left.items()})
 
 
-def table(metrics: Metrics, classes) -> str:
-    return f"{text_table(class_frame(metrics, classes))}\naccuracy {metrics.accuracy:.4f} over {metrics.count:,} test images"
+def table(metrics: Metrics, classes, evaluated: str = "test images") -> str:
+    return f"{text_table(class_frame(metrics, classes))}\naccuracy {metrics.accuracy:.4f} over {metrics.count:,} {evaluated}"
 
 
 def history_table(history: list[dict]) -> str:
