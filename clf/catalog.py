@@ -116,7 +116,7 @@ class Catalog:
         return TrainingData(
             classes=self.classes, source=self.source, identity=digest(self.train, self.held),
             train=_only(read, train_ids), num_train=len(train_ids), eval_rows=eval_rows,
-            eval_dataset=lambda: _only(read, eval_rows["id"].to_numpy()).drop_columns(["error", "split"]),
+            eval_dataset=lambda: _only(read, eval_rows["id"].to_numpy()),
             images_of=lambda ids: _images(eval_rows.set_index("id").loc[ids, "path"]),
             skipped=skipped, eval_name="evaluation photos",
         )
@@ -124,7 +124,7 @@ class Catalog:
     def _check_readable(self, frame: pd.DataFrame) -> list[dict]:
         """The files to skip, with why; refuses a catalog that is mostly unreadable, or a class left without
         a photo to train on."""
-        bad = frame[frame["error"] != ""]
+        bad = frame[frame["error"] != ""].sort_values("path")
         if len(bad) * 2 > len(frame):
             raise DataError(f"{len(bad):,} of the {len(frame):,} photos in {self.source} cannot be read "
                             f"({reasons(bad['error'])}): is it the right folder?")
@@ -141,12 +141,13 @@ def _images(paths) -> np.ndarray:
 
 
 def _only(dataset: ray.data.Dataset, ids: np.ndarray) -> ray.data.Dataset:
-    """The rows of `dataset` whose id is in `ids`, materialized (read once, iterated every epoch)."""
+    """The rows of `dataset` whose id is in `ids` (id, path, label, image), materialized: read once,
+    iterated every epoch."""
     wanted = np.sort(ids)
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = np.isin(batch["id"], wanted, assume_unique=True)
-        return {name: column[mask] for name, column in batch.items()}
+        return {name: batch[name][mask] for name in ("id", "path", "label", "image")}
 
     return dataset.map_batches(keep, batch_format="numpy").materialize()
 
