@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import ray.data
 
 from clf.config import TrainConfig
@@ -31,36 +33,49 @@ from clf.tagging import photos
 PHOTOS_PER_BLOCK = 256
 
 
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str, str]:
+    """The filesystem a local path or a URI (file://, s3://, gs://: what pyarrow, and so Ray Data, reads) is on,
+    the path in it, and the prefix that turns a path in it back into a location."""
+    if "://" in location:
+        fs, path = pafs.FileSystem.from_uri(location)
+        return fs, path.rstrip("/"), location.split("://", 1)[0] + "://"
+    return pafs.LocalFileSystem(), str(Path(location).resolve()), ""
+
+
 def list_labelled(source: str, flag: str) -> pd.DataFrame:
-    """(path, label) of every photo: absolute paths, class names as given by the layout."""
-    path = Path(source)
-    if path.is_dir():
-        classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """(path, label, size) of every photo: absolute paths or URIs, class names as given by the layout, sizes
+    in bytes (-1 where a listing names files on remote storage: not asked for one by one)."""
+    fs, root, prefix = _filesystem(source)
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.Directory:
+        folders = [i for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory]
+        classes = sorted((i for i in folders if not i.base_name.startswith(".")), key=lambda i: i.base_name)
         if not classes:
             raise DataError(f"{flag} {source} holds no class sub-folders ({flag} FOLDER/<class name>/<photos>)")
         rows = [
-            (str(f.resolve()), folder.name)
+            (prefix + f.path, folder.base_name, f.size)
             for folder in classes
-            for f in sorted(folder.rglob("*"))
-            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+            for f in sorted(fs.get_file_info(pafs.FileSelector(folder.path, recursive=True)), key=lambda i: i.path)
+            if f.type == pafs.FileType.File and not any(p.startswith(".") for p in f.path[len(folder.path):].split("/"))
         ]
-        return pd.DataFrame(rows, columns=["path", "label"])
-    if not path.exists():
+        return pd.DataFrame(rows, columns=["path", "label", "size"])
+    if kind == pafs.FileType.NotFound:
         raise DataError(f"{flag} {source} does not exist")
-    if path.suffix.lower() not in (".parquet", ".csv"):
+    suffix = root.rsplit(".", 1)[-1].lower()
+    if suffix not in ("parquet", "csv"):
         raise DataError(f"{flag} {source} is neither a folder nor a .parquet or .csv listing")
     try:
-        listing = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(
-            path, dtype=str, keep_default_na=False)
+        with fs.open_input_file(root) as f:
+            listing = pd.read_parquet(f) if suffix == "parquet" else pd.read_csv(f, dtype=str, keep_default_na=False)
     except (ValueError, OSError) as e:  # pandas' and pyarrow's errors for an unreadable listing
         raise DataError(f"{flag} {source} cannot be read as a listing ({first_line(e)})") from None
     if not {"path", "label"} <= set(listing.columns):
         raise DataError(f"{flag} {source} needs `path` and `label` columns (it has: {', '.join(map(str, listing.columns))})")
-    base = path.resolve().parent
-    return pd.DataFrame({
-        "path": [str(base / p) if p and not os.path.isabs(p) else str(p) for p in listing["path"].astype(str)],
-        "label": listing["label"].astype(str).to_numpy(),
-    })
+    base = posixpath.dirname(root)
+    paths = [p if "://" in p or posixpath.isabs(p) else prefix + posixpath.normpath(posixpath.join(base, p))
+             for p in listing["path"].astype(str)]
+    sizes = [os.stat(p).st_size if "://" not in p and os.path.isfile(p) else -1 for p in paths]
+    return pd.DataFrame({"path": paths, "label": listing["label"].astype(str).to_numpy(), "size": sizes})
 
 
 def hold_out(listing: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -80,8 +95,7 @@ def digest(train: pd.DataFrame, held: pd.DataFrame) -> str:
     """What a resumed run must find again: the files of each split, their labels and sizes."""
     lines = []
     for split, frame in (("train", train), ("eval", held)):
-        for path, label in sorted(zip(frame["path"], frame["label"])):
-            size = os.stat(path).st_size if os.path.isfile(path) else -1
+        for path, label, size in sorted(zip(frame["path"], frame["label"], frame["size"])):
             lines.append(f"{split}\t{path}\t{label}\t{size}")
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 

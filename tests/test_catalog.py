@@ -58,6 +58,22 @@ def test_a_folder_and_a_listing_list_the_same_photos(tmp_path):
     assert len(folder) == 4
 
 
+def test_uris_are_listed_and_read_like_paths(tmp_path, real_data):
+    # file:// stands in for the URIs pyarrow reads (s3://, gs://): the same code lists and reads them.
+    from tests.catalog import write_catalog
+    from clf.tagging import photos
+
+    write_catalog(tmp_path / "shop" / "bags", real_data.test.images[:2])
+    write_catalog(tmp_path / "shop" / "shoes", real_data.test.images[2:4])
+    by_path = catalog.list_labelled(str(tmp_path / "shop"), "--train-data")
+    by_uri = catalog.list_labelled(f"file://{tmp_path / 'shop'}", "--train-data")
+    assert by_uri["path"].tolist() == ["file://" + p for p in by_path["path"]]
+    assert by_uri[["label", "size"]].equals(by_path[["label", "size"]])
+    batch = photos.read_photos({"path": np.array(by_uri["path"].tolist() + [f"file://{tmp_path}/gone.jpg"], dtype=object)})
+    assert list(batch["error"]) == ["", "", "", "", "file not found"]
+    np.testing.assert_array_equal(batch["image"][0], photos.load_file(by_path["path"][0]))
+
+
 # --- The real thing ----------------------------------------------------------------------------------------
 
 

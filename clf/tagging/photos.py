@@ -18,6 +18,7 @@ import io
 import warnings
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from clf.errors import first_line
@@ -125,8 +126,13 @@ def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def load_file(path: str) -> np.ndarray:
-    """A photo file to the model's 28x28 image; PhotoError (or OSError) says why not."""
+    """A photo file (a local path, or a URI pyarrow reads: file://, s3://, gs://) to the model's 28x28
+    image; PhotoError (or OSError) says why not."""
     if not path:
         raise PhotoError("empty path")
+    if "://" in path:
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        with filesystem.open_input_file(inner) as f:
+            return load(f.read())
     with open(path, "rb") as f:
         return load(f.read())
