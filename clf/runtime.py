@@ -25,6 +25,7 @@ from pathlib import Path
 
 import ray
 import ray._private.ray_constants
+import ray._private.state
 import yaml
 import ray.data
 import ray.exceptions
@@ -233,8 +234,6 @@ def autoscaler_groups() -> tuple[NodeGroup, ...] | None:
     YAML on the head node, ~/ray_bootstrap_config.yaml (`ray up` writes it there, with the instance types'
     CPUs and GPUs filled in), where jobs submitted to the head run.
     """
-    import ray._private.state
-
     config = ray._private.state.state.get_cluster_config()
     if config is not None and config.node_group_configs:
         return tuple(
