@@ -127,10 +127,11 @@ class Catalog:
         good = frame[frame["error"] == ""]
         train_ids = good.loc[good["split"] == "train", "id"].to_numpy()
         eval_rows = good.loc[good["split"] == "eval", ["id", "path", "label"]].reset_index(drop=True)
+        # Both splits taken now, so that the pass's own copy of every image is freed when `read` goes.
+        train, held = _only(read, train_ids), _only(read, eval_rows["id"].to_numpy())
         return TrainingData(
             classes=self.classes, source=self.source, identity=digest(self.train, self.held),
-            train=_only(read, train_ids), num_train=len(train_ids), eval_rows=eval_rows,
-            eval_dataset=lambda: _only(read, eval_rows["id"].to_numpy()),
+            train=train, num_train=len(train_ids), eval_rows=eval_rows, eval_dataset=lambda: held,
             images_of=lambda ids: _images(eval_rows.set_index("id").loc[ids, "path"]),
             skipped=skipped, eval_name="evaluation photos",
         )
