@@ -33,8 +33,10 @@ def main() -> None:
 
     dataset = data.load()
     images, labels = dataset.train.images, dataset.train.labels
-    learner = make_learner(cfg, new_model(cfg, len(data.CLASSES)), len(labels))
+    # Training starts with the model and its optimizer, as in the Ray worker (building the first optimizer
+    # of a process imports torch._dynamo: about a second).
     train_started = time.perf_counter()
+    learner = make_learner(cfg, new_model(cfg, len(data.CLASSES)), len(labels))
     # Rank 0 of 1: the Ray path's batches, in its order.
     history = train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, 0, 1), cfg)
     train_s = time.perf_counter() - train_started

@@ -46,6 +46,14 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 LOCAL_RAY = dict(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
+# Ray Train (2.60) starts a PreemptionWatcher actor beside the workers of every run: it polls for nodes being
+# drained (a cloud's spot node reclaimed, an autoscaler scaling down) so the workers there can checkpoint in
+# time. A Ray this process starts on its own machine has no such nodes; the watcher would cost one more
+# process starting beside the training worker and its wake-ups all through training. Ray Train passes the
+# variable on to its controller.
+EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def loopback_mode() -> None:
     """Make every Ray server this process starts listen on 127.0.0.1 (see LOOPBACK_ENV)."""
     os.environ.update(LOOPBACK_ENV)
@@ -61,6 +69,8 @@ def connect() -> None:
         _check_reachable(address)
     else:
         loopback_mode()
+        for key, value in EMBEDDED_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -74,6 +84,11 @@ def connect() -> None:
         raise ClfError(f"could not start or join {where}: {first_line(e)}") from None
     # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def disconnect() -> None:
+    """Stop the embedded Ray (every process of it), or leave the cluster this process joined."""
+    ray.shutdown()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -135,6 +135,7 @@ def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Ba
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.perf_counter()
         totals, waited = train_epoch(learner, batches_of_epoch(epoch), epoch, cfg, rank, device)
+        loop_s = time.perf_counter() - epoch_started
         loss_sum, correct, count = reduce(totals).tolist()
         seconds = time.perf_counter() - epoch_started
         record = {
@@ -143,6 +144,7 @@ def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Ba
             "accuracy": correct / count,
             "images_per_s": count / seconds,
             "elapsed_s": time.perf_counter() - started,
+            "loop_s": loop_s,  # first batch to last optimizer step, this rank's (before the reduce and report)
             "data_wait_s": waited,  # rank 0's (or this rank's): time the loop stood waiting for a batch
         }
         records.append(record)

@@ -4,7 +4,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from clf import cli
@@ -159,3 +161,31 @@ def test_ray_that_fails_to_start_is_a_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: could not start or join a local Ray: ")
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_a_finished_job_leaves_no_ray_process(tmp_path):
+    # jobs/*.py end with cli.exit_now, which skips the interpreter's teardown (and Ray's atexit hook): Ray must
+    # have been stopped before.
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, "--epochs", "1", "--data-dir", str(make_dataset_dir(tmp_path / "data")), "--output",
+         str(out), "--storage-path", str(tmp_path / "ray")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    started, names = {}, set()
+    while proc.poll() is None:
+        try:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                started.setdefault(p.pid, p)
+                names.add(p.name())
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == f"outputs in {out}"
+    assert (out / "metrics.json").exists()
+    assert {"raylet", "gcs_server"} <= names  # the embedded Ray was seen running
+    time.sleep(1)
+    alive = [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
