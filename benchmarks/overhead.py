@@ -159,7 +159,8 @@ def main() -> None:
     phases = {k: round(median(r["timings"][k] for r in ray), 1) for k in ray[0]["timings"]}
     print(f"Ray run's phases, median s: {phases}")
     for t in tagging:
-        print(f"tagging {t['images']:,} images: Ray Data {t['ray_images_per_s']:,.0f} images/s, "
+        print(f"tagging {t['images']:,} images: Ray Data {t['ray_images_per_s']:,.0f} images/s (first batch after "
+              f"{t['ray_first_batch_s']:.1f} s, then {t['ray_after_first_images_per_s']:,.0f} images/s), "
               f"plain {t['plain_images_per_s']:,.0f} images/s")
 
     figures = {

@@ -10,12 +10,14 @@ from collections import Counter
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
 import pandas as pd
 
-from clf.metrics import Metrics
+if TYPE_CHECKING:
+    from clf.metrics import Metrics  # not imported for real: it brings torchmetrics (see clf.pipeline)
 
 PACKAGES = ("torch", "torchvision", "ray", "torchmetrics", "numpy", "pyarrow")
 
