@@ -230,4 +230,7 @@ def to_ray_dataset(split: Split, rows_per_block: int = 2500):
                 }
             )
         )
-    return ray.data.from_arrow(tables)
+    # from_blocks, not from_arrow: from_arrow works out each table's row count and schema in a Ray task,
+    # which on a cluster just started (or just done training) means starting worker processes first: about
+    # 1.5 s before evaluation begins, on the 2-core VM. The tables are here; their metadata is read here.
+    return ray.data.from_blocks(tables)
