@@ -13,7 +13,9 @@ tagging; plain, Ray, tagging; ...) in one invocation, one seed per repeat; the m
   in-memory images (actor start-up included);
 - peak memory: the proportional set size (PSS: shared pages split between the processes sharing them)
   summed over the process and all its descendants (for Ray: driver, Ray's servers, every worker), sampled
-  every half second, the largest of the Ray runs;
+  every half second in one more run of each side, not timed: one sample of the Ray run's 24 processes
+  takes about 0.1 s of CPU (reading every mapping of every process), which slowed the timed Ray loop by
+  up to a third when the timed runs were sampled;
 - accuracy: the Ray run's test accuracy, median over the seeds.
 
 The CPU model is printed with the figures: the ratios move with it.
@@ -81,14 +83,14 @@ class PeakMemory:
         return self.peak
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, int, str]:
-    """Wall seconds, peak memory (bytes) and stdout of a whole process."""
+def timed(cmd: list[str], env: dict, memory: bool = False) -> tuple[float, int, str]:
+    """Wall seconds, peak memory in bytes (if `memory`; else 0) and stdout of a whole process."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    memory = PeakMemory(proc.pid)
+    sampler = PeakMemory(proc.pid) if memory else None
     out, err = proc.communicate()
     wall = time.perf_counter() - started
-    peak = memory.stop()
+    peak = sampler.stop() if sampler else 0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
     return wall, peak, out
@@ -106,18 +108,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def plain_run(epochs: int, seed: int, env: dict) -> dict:
-    wall, peak, out = timed([PY, "benchmarks/plain_torch.py", "--epochs", str(epochs), "--seed", str(seed)], env)
+def plain_run(epochs: int, seed: int, env: dict, memory: bool = False) -> dict:
+    wall, peak, out = timed([PY, "benchmarks/plain_torch.py", "--epochs", str(epochs), "--seed", str(seed)], env, memory)
     r = last_json(out)
     return {"train_s": r["train_s"], "wall_s": wall, "peak_bytes": peak, "accuracy": r["accuracy"],
             "loops": [e["loop_s"] for e in r["history"]]}
 
 
-def ray_run(epochs: int, seed: int, env: dict) -> dict:
+def ray_run(epochs: int, seed: int, env: dict, memory: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "run"
         wall, peak, _ = timed([PY, "jobs/train.py", "--epochs", str(epochs), "--seed", str(seed), "--output",
-                               str(out_dir), "--storage-path", str(Path(tmp) / "ray")], env)
+                               str(out_dir), "--storage-path", str(Path(tmp) / "ray")], env, memory)
         m = json.loads((out_dir / "metrics.json").read_text())
     return {"train_s": m["timings"]["train_s"], "wall_s": wall, "peak_bytes": peak, "accuracy": m["accuracy"],
             "loops": [e["loop_s"] for e in m["history"]], "timings": m["timings"]}
@@ -147,15 +149,17 @@ def main() -> None:
         if args.tag_images:
             tagging.append(tagging_run(args.tag_images, env))
         print(f"repeat {seed + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    peak_plain = plain_run(args.epochs, 0, env, memory=True)["peak_bytes"]
+    peak_ray = ray_run(args.epochs, 0, env, memory=True)["peak_bytes"]
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           f"{args.epochs} epoch(s), {args.repeats} interleaved repeat(s) (seeds 0-{args.repeats - 1})")
-    print(f"{'seed':>4}  {'':5}  {'loop s/epoch':>14}  {'train s':>8}  {'whole s':>8}  {'peak GiB':>8}  {'accuracy':>8}")
+    print(f"{'seed':>4}  {'':5}  {'loop s/epoch':>14}  {'train s':>8}  {'whole s':>8}  {'accuracy':>8}")
     for seed, pair in enumerate(zip(plain, ray)):
         for name, r in zip(("plain", "ray"), pair):
             loops = " ".join(f"{s:.2f}" for s in r["loops"])
-            print(f"{seed:>4}  {name:5}  {loops:>14}  {r['train_s']:8.1f}  {r['wall_s']:8.1f}  "
-                  f"{r['peak_bytes'] / 2**30:8.2f}  {r['accuracy']:8.4f}")
+            print(f"{seed:>4}  {name:5}  {loops:>14}  {r['train_s']:8.1f}  {r['wall_s']:8.1f}  {r['accuracy']:8.4f}")
+    print(f"peak memory (one more run each, sampled): plain {peak_plain / 2**30:.2f} GiB, Ray {peak_ray / 2**30:.2f} GiB")
     phases = {k: round(median(r["timings"][k] for r in ray), 1) for k in ray[0]["timings"]}
     print(f"Ray run's phases, median s: {phases}")
     for t in tagging:
@@ -168,7 +172,7 @@ def main() -> None:
         "fit() / plain training": median(r["train_s"] for r in ray) / median(r["train_s"] for r in plain),
         "whole process, Ray / plain": median(r["wall_s"] for r in ray) / median(r["wall_s"] for r in plain),
         "tagging, Ray Data / plain": median(t["ray_images_per_s"] / t["plain_images_per_s"] for t in tagging) if tagging else None,
-        "peak memory of the Ray run, GiB": max(r["peak_bytes"] for r in ray) / 2**30,
+        "peak memory of the Ray run, GiB": peak_ray / 2**30,
         "test accuracy, median of the seeds": median(r["accuracy"] for r in ray),
     }
     print(f"\n{'target':36}  {'figure':>8}  {'bound':>8}  result")
