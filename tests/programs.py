@@ -3,6 +3,7 @@
     python -m tests.programs run-one-epoch OUTPUT STORAGE
     python -m tests.programs predict-without-ray CHECKPOINT IMAGES.npy
     python -m tests.programs untrained-checkpoint FOLDER
+    python -m tests.programs step-page-faults {adaptive,kept}
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ def untrained_checkpoint(folder: str) -> None:
     checkpoint.save(folder, FashionCNN(), data.CLASSES)
 
 
+def step_page_faults(malloc: str) -> None:
+    """Page faults of 30 forward and backward passes of two convolutions on a batch of 128, with glibc's
+    adaptive malloc thresholds or after `clf.train.keep_freed_memory` (which cannot be undone in a process)."""
+    import resource
+
+    import torch
+
+    from clf.train import keep_freed_memory
+
+    if malloc == "kept":
+        assert keep_freed_memory()
+    x = torch.randn(128, 1, 28, 28)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(30):
+        model(x).sum().backward()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     commands = p.add_subparsers(dest="command", required=True)
@@ -58,11 +78,15 @@ def main() -> None:
     predict.add_argument("images")
     untrained = commands.add_parser("untrained-checkpoint")
     untrained.add_argument("folder")
+    faults = commands.add_parser("step-page-faults")
+    faults.add_argument("malloc", choices=["adaptive", "kept"])
     args = p.parse_args()
     if args.command == "run-one-epoch":
         run_one_epoch(args.output, args.storage)
     elif args.command == "predict-without-ray":
         predict_without_ray(args.checkpoint, args.images)
+    elif args.command == "step-page-faults":
+        step_page_faults(args.malloc)
     else:
         untrained_checkpoint(args.folder)
 
