@@ -163,6 +163,7 @@ def test_ray_that_fails_to_start_is_a_one_line_error(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
 
 
+@pytest.mark.slow
 def test_a_finished_job_leaves_no_ray_process(tmp_path):
     # jobs/*.py end with cli.exit_now, which skips the interpreter's teardown (and Ray's atexit hook): Ray must
     # have been stopped before.
