@@ -87,7 +87,7 @@ def main(prog: str, config_class, description: str, job, argv=None) -> int:
 def exit_now(code: int) -> None:
     """End a job's process with `code` as soon as its outputs are written: stop the Ray this process
     started (or leave the cluster it joined), flush, and skip the interpreter's own teardown, which writes
-    nothing and took about 1.7 s after a training run (finalizers of torch, Ray's and Ray Data's threads)."""
+    nothing and took about 1.7 s after a training run on the 2-core VM."""
     if "clf.runtime" in sys.modules:  # only a job that got as far as Ray has one to stop
         sys.modules["clf.runtime"].disconnect()
     sys.stdout.flush()
