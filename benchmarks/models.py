@@ -22,19 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.overhead import cpu_model  # noqa: E402
+from benchmarks.plain_torch import predict, train  # noqa: E402
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
 from clf.model import FashionCNN  # noqa: E402
-from clf.train import array_batches, make_learner, train_epochs  # noqa: E402
-
-
-def accuracy(model: torch.nn.Module, test: data.Split, batch_size: int) -> float:
-    model.eval()
-    with torch.inference_mode():
-        images = torch.from_numpy(test.images)
-        predictions = torch.cat([model(data.preprocess(images[i : i + batch_size])).argmax(1)
-                                 for i in range(0, len(images), batch_size)])
-    return metrics.compute(test.labels, predictions.numpy(), len(data.CLASSES)).accuracy
 
 
 def main() -> None:
@@ -44,7 +35,6 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
     dataset = data.load()
-    images, labels = dataset.train.images, dataset.train.labels
     print(f"machine: {cpu_model()}; {args.epochs} epoch(s), seeds {args.seeds}")
     for name, shape in args.shapes.items():
         accuracies, seconds = [], []
@@ -52,10 +42,10 @@ def main() -> None:
             cfg = TrainConfig(epochs=args.epochs, seed=seed)
             started = time.perf_counter()
             torch.manual_seed(seed)  # as clf.train.new_model does
-            learner = make_learner(cfg, FashionCNN(num_classes=len(data.CLASSES), **shape), len(labels))
-            train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, 0, 1), cfg)
+            learner, _ = train(cfg, FashionCNN(num_classes=len(data.CLASSES), **shape), dataset.train)
             seconds.append(time.perf_counter() - started)
-            accuracies.append(accuracy(learner.model, dataset.test, cfg.infer_batch_size))
+            predictions = predict(learner.model, dataset.test.images, cfg.infer_batch_size)
+            accuracies.append(metrics.compute(dataset.test.labels, predictions, len(data.CLASSES)).accuracy)
         print(f"{name:12} accuracy {statistics.median(accuracies):.4f} ({', '.join(f'{a:.4f}' for a in accuracies)})  "
               f"training {statistics.median(seconds):.1f} s", flush=True)
 

@@ -16,11 +16,28 @@ from pathlib import Path
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
-from clf.train import array_batches, make_learner, new_model, train_epochs  # noqa: E402
+from clf.train import Learner, array_batches, make_learner, new_model, train_epochs  # noqa: E402
+
+
+def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split) -> tuple[Learner, list[dict]]:
+    """The worker's loop as rank 0 of 1 (the Ray path's batches, in its order): the learner and the history."""
+    learner = make_learner(cfg, model, len(split.labels))
+    history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, 0, 1), cfg)
+    return learner, history
+
+
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Each image's predicted class, in batches."""
+    model.eval()
+    with torch.inference_mode():
+        images = torch.from_numpy(images)
+        return torch.cat([model(data.preprocess(images[i : i + batch_size])).argmax(1)
+                          for i in range(0, len(images), batch_size)]).numpy()
 
 
 def main() -> None:
@@ -32,24 +49,16 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
 
     dataset = data.load()
-    images, labels = dataset.train.images, dataset.train.labels
     # Training starts with the model and its optimizer, as in the Ray worker (building the first optimizer
     # of a process imports torch._dynamo: about a second).
     train_started = time.perf_counter()
-    learner = make_learner(cfg, new_model(cfg, len(data.CLASSES)), len(labels))
-    # Rank 0 of 1: the Ray path's batches, in its order.
-    history = train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, 0, 1), cfg)
+    learner, history = train(cfg, new_model(cfg, len(data.CLASSES)), dataset.train)
     train_s = time.perf_counter() - train_started
 
     infer_started = time.perf_counter()
-    model = learner.model.eval()
-    with torch.inference_mode():
-        test = torch.from_numpy(dataset.test.images)
-        predictions = torch.cat(
-            [model(data.preprocess(test[i : i + cfg.infer_batch_size])).argmax(1) for i in range(0, len(test), cfg.infer_batch_size)]
-        )
+    predictions = predict(learner.model, dataset.test.images, cfg.infer_batch_size)
     infer_s = time.perf_counter() - infer_started
-    scores = metrics.compute(dataset.test.labels, predictions.numpy(), len(data.CLASSES))
+    scores = metrics.compute(dataset.test.labels, predictions, len(data.CLASSES))
     print(json.dumps({
         "train_s": train_s,
         "infer_s": infer_s,
