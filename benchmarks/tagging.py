@@ -44,7 +44,7 @@ def with_ray(checkpoint_dir: str, split: data.Split, cfg: TrainConfig) -> dict:
     runtime.connect()
     plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # the actors the job would use
     started = time.perf_counter()
-    tagged = predict(data.to_ray_dataset(split), checkpoint_dir, plan, cfg.infer_batch_size)
+    tagged = predict(data.to_ray_dataset(split), checkpoint.read(checkpoint_dir), plan, cfg.infer_batch_size)
     count, first = 0, None
     for batch in tagged.iter_batches(batch_size=None):
         count += len(batch["prediction"])

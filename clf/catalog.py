@@ -12,17 +12,16 @@ labels, never images. Files that cannot be read are skipped, counted and listed 
 from __future__ import annotations
 
 import hashlib
-import os
-import posixpath
+import io
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import ray.data
 
+from clf import runtime, storage
 from clf.config import TrainConfig
 from clf.data import TrainingData
 from clf.errors import DataError, first_line
@@ -33,49 +32,46 @@ from clf.tagging import photos
 PHOTOS_PER_BLOCK = 256
 
 
-def _filesystem(location: str) -> tuple[pafs.FileSystem, str, str]:
-    """The filesystem a local path or a URI (file://, s3://, gs://: what pyarrow, and so Ray Data, reads) is on,
-    the path in it, and the prefix that turns a path in it back into a location."""
-    if "://" in location:
-        fs, path = pafs.FileSystem.from_uri(location)
-        return fs, path.rstrip("/"), location.split("://", 1)[0] + "://"
-    return pafs.LocalFileSystem(), str(Path(location).resolve()), ""
-
-
 def list_labelled(source: str, flag: str) -> pd.DataFrame:
     """(path, label, size) of every photo: absolute paths or URIs, class names as given by the layout, sizes
-    in bytes (-1 where a listing names files on remote storage: not asked for one by one)."""
-    fs, root, prefix = _filesystem(source)
-    kind = fs.get_file_info(root).type
+    in bytes as a folder's listing gives them (-1 for the entries of a .parquet / .csv listing: not asked for
+    one by one; the photos' digest takes the sizes read)."""
+    try:
+        place = storage.Place.of(source)
+        kind = place.kind()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{flag} {source} cannot be reached ({first_line(e)})") from None
     if kind == pafs.FileType.Directory:
-        folders = [i for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory]
+        folders = [i for i in place.fs.get_file_info(pafs.FileSelector(place.path)) if i.type == pafs.FileType.Directory]
         classes = sorted((i for i in folders if not i.base_name.startswith(".")), key=lambda i: i.base_name)
         if not classes:
             raise DataError(f"{flag} {source} holds no class sub-folders ({flag} FOLDER/<class name>/<photos>)")
         rows = [
-            (prefix + f.path, folder.base_name, f.size)
+            (place.location(f.path), folder.base_name, f.size)
             for folder in classes
-            for f in sorted(fs.get_file_info(pafs.FileSelector(folder.path, recursive=True)), key=lambda i: i.path)
-            if f.type == pafs.FileType.File and not any(p.startswith(".") for p in f.path[len(folder.path):].split("/"))
+            for f in storage.Place(place.fs, folder.path, place.scheme).files()
         ]
         return pd.DataFrame(rows, columns=["path", "label", "size"])
     if kind == pafs.FileType.NotFound:
         raise DataError(f"{flag} {source} does not exist")
-    suffix = root.rsplit(".", 1)[-1].lower()
-    if suffix not in ("parquet", "csv"):
-        raise DataError(f"{flag} {source} is neither a folder nor a .parquet or .csv listing")
-    try:
-        with fs.open_input_file(root) as f:
-            listing = pd.read_parquet(f) if suffix == "parquet" else pd.read_csv(f, dtype=str, keep_default_na=False)
-    except (ValueError, OSError) as e:  # pandas' and pyarrow's errors for an unreadable listing
-        raise DataError(f"{flag} {source} cannot be read as a listing ({first_line(e)})") from None
+    listing = read_listing(place, source, flag, DataError)
     if not {"path", "label"} <= set(listing.columns):
         raise DataError(f"{flag} {source} needs `path` and `label` columns (it has: {', '.join(map(str, listing.columns))})")
-    base = posixpath.dirname(root)
-    paths = [p if "://" in p or posixpath.isabs(p) else prefix + posixpath.normpath(posixpath.join(base, p))
-             for p in listing["path"].astype(str)]
-    sizes = [os.stat(p).st_size if "://" not in p and os.path.isfile(p) else -1 for p in paths]
-    return pd.DataFrame({"path": paths, "label": listing["label"].astype(str).to_numpy(), "size": sizes})
+    return pd.DataFrame({"path": [place.resolve(p) for p in listing["path"].astype(str)],
+                         "label": listing["label"].astype(str).to_numpy(), "size": -1})
+
+
+def read_listing(place: storage.Place, source: str, flag: str, error: type[Exception]) -> pd.DataFrame:
+    """A .parquet or .csv listing (every column read as given; a CSV's as strings); `error` for one that
+    is neither, or cannot be read."""
+    suffix = place.path.rsplit(".", 1)[-1].lower()
+    if suffix not in ("parquet", "csv"):
+        raise error(f"{flag} {source} is neither a folder nor a .parquet or .csv listing")
+    try:
+        raw = io.BytesIO(place.read_bytes())
+        return pd.read_parquet(raw) if suffix == "parquet" else pd.read_csv(raw, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as e:  # pandas' and pyarrow's errors for an unreadable listing
+        raise error(f"{flag} {source} cannot be read as a listing ({first_line(e)})") from None
 
 
 def hold_out(listing: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -91,12 +87,10 @@ def hold_out(listing: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
     return pd.concat(train, ignore_index=True), pd.concat(held, ignore_index=True)
 
 
-def digest(train: pd.DataFrame, held: pd.DataFrame) -> str:
-    """What a resumed run must find again: the files of each split, their labels and sizes."""
-    lines = []
-    for split, frame in (("train", train), ("eval", held)):
-        for path, label, size in sorted(zip(frame["path"], frame["label"], frame["size"])):
-            lines.append(f"{split}\t{path}\t{label}\t{size}")
+def digest(rows: pd.DataFrame) -> str:
+    """A fingerprint of photos: each one's split, path, label (class name) and size in bytes."""
+    lines = sorted(f"{split}\t{path}\t{label}\t{size}"
+                   for split, path, label, size in zip(rows["split"], rows["path"], rows["label"], rows["size"]))
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
@@ -105,24 +99,40 @@ class Catalog:
     """The listed catalog, split, before any photo is read."""
 
     source: str
-    train: pd.DataFrame  # path, label (class name)
+    train: pd.DataFrame  # path, label (class name), size (-1: not known from the listing)
     held: pd.DataFrame
     classes: list[str]
     seed: int
 
+    @property
+    def identity(self) -> str:
+        """The listing's fingerprint (files, labels, the sizes it gives): a resumed run is checked against it
+        before any photo is read."""
+        return digest(self._listed())
+
+    def _listed(self) -> pd.DataFrame:
+        return pd.concat([self.train.assign(split="train"), self.held.assign(split="eval")], ignore_index=True)
+
+    def check_every_node_reads(self, cluster: runtime.Cluster) -> None:
+        """The photos are read by tasks on every node: those on the driver's disk must be seen by each (on
+        one node, or in a shared NFS folder, they are)."""
+        local = [path for path in (storage.local_path(p) for p in self._listed()["path"] if p) if path]
+        runtime.refuse_unseen(cluster, storage.sample(local), f"--train-data {self.source} (its photos)")
+
     def prepare(self) -> TrainingData:
         """Read and convert every photo once (Ray Data tasks); skip and list the ones that cannot be."""
-        frame = pd.concat([self.train.assign(split="train"), self.held.assign(split="eval")], ignore_index=True)
+        frame = self._listed()
         frame["id"] = np.arange(len(frame))
+        frame["name"] = frame["label"]
         frame["label"] = frame["label"].map({name: i for i, name in enumerate(self.classes)}).astype(np.int64)
         # Rows in a seeded random order: the listing is sorted by class, and the workers' shuffle is local
         # (a window of a few batches), so blocks in listing order would make batches of one class each.
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
         blocks = max(1, -(-len(frame) // PHOTOS_PER_BLOCK))
-        read = ray.data.from_pandas(frame).repartition(blocks).map_batches(
+        read = ray.data.from_pandas(frame[["id", "path", "label"]]).repartition(blocks).map_batches(
             photos.read_photos, batch_size=PHOTOS_PER_BLOCK, batch_format="numpy").materialize()
-        outcome = read.select_columns(["id", "error"]).to_pandas().set_index("id")["error"]
-        frame["error"] = frame["id"].map(outcome)
+        outcome = read.select_columns(["id", "error", "size"]).to_pandas().set_index("id")
+        frame["error"], frame["size"] = frame["id"].map(outcome["error"]), frame["id"].map(outcome["size"])
         skipped = self._check_readable(frame)
         good = frame[frame["error"] == ""]
         train_ids = good.loc[good["split"] == "train", "id"].to_numpy()
@@ -130,7 +140,11 @@ class Catalog:
         # Both splits taken now, so that the pass's own copy of every image is freed when `read` goes.
         train, held = _only(read, train_ids), _only(read, eval_rows["id"].to_numpy())
         return TrainingData(
-            classes=self.classes, source=self.source, identity=digest(self.train, self.held),
+            classes=self.classes, source=self.source,
+            # The photos actually used, with the bytes read: a photo that could not be read this time (a
+            # remote read that failed past its retries) changes it, so a resumed run cannot train on
+            # another subset without a word.
+            identity=digest(good.assign(label=good["name"])),
             train=train, num_train=len(train_ids), eval_rows=eval_rows, eval_dataset=lambda: held,
             images_of=lambda ids: _images(eval_rows.set_index("id").loc[ids, "path"]),
             skipped=skipped, eval_name="evaluation photos",

@@ -82,9 +82,11 @@ class FashionMNIST:
     test: Split
     source: str  # the folder the files were read from
 
+    identity = "fashion-mnist"  # what a resumed run must find again: read on the driver, checked on reading
+
     def prepare(self) -> TrainingData:
         return TrainingData(
-            classes=list(CLASSES), source=self.source, identity="fashion-mnist", train=self.train,
+            classes=list(CLASSES), source=self.source, identity=self.identity, train=self.train,
             num_train=len(self.train.labels),
             eval_rows=pd.DataFrame({"id": np.arange(len(self.test.labels)), "label": self.test.labels}),
             eval_dataset=lambda: to_ray_dataset(self.test), images_of=lambda ids: self.test.images[ids],

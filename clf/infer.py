@@ -1,7 +1,8 @@
 """One predictor, used by test-set evaluation and by catalog tagging alike.
 
-`Predictor` is a callable class for Ray Data's `map_batches`: each actor of the pool loads the checkpoint
-once and then maps batches of rows. Every column but `image` passes through untouched, so the row's id
+`Predictor` is a callable class for Ray Data's `map_batches`: each actor of the pool builds the model once,
+from the checkpoint's files that the driver read and put in Ray's object store (on a cluster whose nodes
+share no disk, a path would name a folder on the driver's disk only), and then maps batches of rows. Every column but `image` passes through untouched, so the row's id
 and label travel with its prediction whatever order Ray Data delivers the rows in.
 """
 
@@ -12,16 +13,17 @@ import pandas as pd
 import ray.data
 import torch
 
-from clf.checkpoint import load_model
+from clf.checkpoint import ModelFiles, build
 from clf.data import TrainingData, preprocess
 from clf.errors import ClfError
 from clf.runtime import InferPlan
 
 
 class Predictor:
-    def __init__(self, checkpoint, use_gpu: bool = False, num_threads: int | None = None, top_k: int = 0):
-        """`checkpoint`: a `ray.train.Checkpoint` (fetched from Ray's storage, which on a multi-node
-        cluster is shared) or a local folder path. `top_k` > 0 adds the k likeliest classes per row."""
+    def __init__(self, model: ModelFiles | ray.ObjectRef, use_gpu: bool = False, num_threads: int | None = None,
+                 top_k: int = 0):
+        """`model`: a checkpoint's files, or the object-store reference the driver put them under. `top_k` > 0
+        adds the k likeliest classes per row."""
         self.top_k = top_k
         if num_threads:
             # Ray sets OMP_NUM_THREADS=1 in its workers; use the CPUs this actor was given.
@@ -31,11 +33,7 @@ class Predictor:
         context = ray.get_runtime_context() if ray.is_initialized() else None
         self.node = context.get_node_id() if context else ""
         self.actor = (context.get_actor_id() or "") if context else ""
-        if isinstance(checkpoint, str):
-            self.model, _ = load_model(checkpoint, self.device)
-        else:
-            with checkpoint.as_directory() as folder:
-                self.model, _ = load_model(folder, self.device)
+        self.model, _ = build(ray.get(model) if isinstance(model, ray.ObjectRef) else model, self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,14 +50,17 @@ class Predictor:
         return batch
 
 
-def predict(dataset: ray.data.Dataset, checkpoint, plan: InferPlan, batch_size: int, top_k: int = 0) -> ray.data.Dataset:
+def predict(dataset: ray.data.Dataset, model: ModelFiles, plan: InferPlan, batch_size: int,
+            top_k: int = 0) -> ray.data.Dataset:
     """The dataset's rows with `image` replaced by `prediction` (class index) and `confidence` (and with
     `top_k`, `top_classes` and `top_probs`), and `node` and `actor`, the Ray ids of where each row was
     predicted; mapped by `plan.num_actors` predictor actors."""
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            "checkpoint": checkpoint,
+            # Put once; each actor fetches it from its node's object store. (Ray Data keeps the constructor
+            # arguments inside the function it pickles, so the reference arrives as it is, unresolved.)
+            "model": ray.put(model),
             "use_gpu": plan.use_gpu,
             "num_threads": int(plan.cpus_per_actor) or None,
             "top_k": top_k,
@@ -72,10 +73,10 @@ def predict(dataset: ray.data.Dataset, checkpoint, plan: InferPlan, batch_size: 
     )
 
 
-def evaluate(checkpoint, data: TrainingData, plan: InferPlan, batch_size: int) -> pd.DataFrame:
+def evaluate(model: ModelFiles, data: TrainingData, plan: InferPlan, batch_size: int) -> pd.DataFrame:
     """Tag every evaluation image with the Ray Data predictor; rows (id, label, prediction, confidence, and
     path for photos) in id order."""
-    rows = predict(data.eval_dataset(), checkpoint, plan, batch_size).to_pandas()
+    rows = predict(data.eval_dataset(), model, plan, batch_size).to_pandas()
     return check_complete(rows, data.eval_rows)
 
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from clf import catalog, data, report, runtime
+from clf import catalog, data, report, runtime, storage
+from clf import checkpoint as ckpt
 from clf.config import TrainConfig
 from clf.runtime import InferPlan, TrainPlan
 
@@ -40,7 +41,7 @@ class RunResult:
     precision: list[float]  # per class, class-index order
     recall: list[float]
     classes: list[str]
-    output: Path
+    output: str  # a folder on the driver's disk, or a URI
     history: list[dict] = field(default_factory=list)  # the record of every epoch
     timings: dict = field(default_factory=dict)  # seconds per phase
 
@@ -82,11 +83,12 @@ def importing(modules: tuple[str, ...]):
 
 def run(cfg: TrainConfig) -> RunResult:
     clock = Stopwatch()
-    output = Path(cfg.output) if cfg.output else runtime.default_output()
-    cfg = dataclasses.replace(cfg, output=str(output), run_name=cfg.run_name or runtime.new_run_name(output))
-    with runtime.staged_output(output) as staging:
+    output = cfg.output or str(runtime.default_output())
+    cfg = dataclasses.replace(cfg, output=output, run_name=cfg.run_name or runtime.new_run_name(output))
+    with storage.staged_output(output, last="metrics.json") as staging:
         with clock.phase("load_data_s"):  # read, or listed and split: what can fail does before Ray starts
             source = catalog.open_catalog(cfg) if cfg.train_data else data.load(cfg.data_dir, cfg.download)
+            storage.check_writable(runtime.storage_uri(cfg.storage_path), "--storage-path")
         with clock.phase("ray_start_s"):
             with importing(WHILE_RAY_STARTS):
                 runtime.connect()
@@ -94,16 +96,24 @@ def run(cfg: TrainConfig) -> RunResult:
 
             cluster = runtime.cluster_nodes()
             train_plan = runtime.plan_training(cfg, cluster)
+        with clock.phase("check_s"):  # before any photo is read or worker started
+            trainer.check_storage_is_shared(cfg, cluster)
+            if cfg.train_data:
+                source.check_every_node_reads(cluster)
+            earlier = trainer.previous_run(cfg)
+            print(trainer.resume_notice(cfg, earlier, source.identity), flush=True)
         with clock.phase("read_photos_s" if cfg.train_data else "prepare_s"):
             training = source.prepare()
+        trainer.check_same_photos(cfg, earlier, training.identity)
         _announce(cfg, cluster, train_plan, training)
         with clock.phase("train_s"):
-            fitted = trainer.fit(cfg, train_plan, training)
+            fitted = trainer.fit(cfg, train_plan, training, listing=source.identity)
         if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
             print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
         with clock.phase("inference_s"):
             infer_plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # after training: a node may be gone
-            rows = infer.evaluate(fitted.checkpoint, training, infer_plan, cfg.infer_batch_size)
+            model = ckpt.read(fitted.checkpoint.path, fitted.checkpoint.filesystem)  # wherever Ray Train keeps it
+            rows = infer.evaluate(model, training, infer_plan, cfg.infer_batch_size)
         scores = metrics.compute(rows["label"], rows["prediction"], len(training.classes))
         with clock.phase("write_s"):
             fitted.checkpoint.to_directory(str(staging / "checkpoint"))
@@ -115,11 +125,7 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, training: data.TrainingData) -> None:
-    from clf import trainer
-
     for line in (
-        trainer.resume_notice(cfg, training.identity),
-        trainer.storage_note(cfg, cluster),
         training.skipped and f"skipped {len(training.skipped):,} file(s) that cannot be read "
         f"({report.reasons(s['reason'] for s in training.skipped)}): listed in metrics.json",
         f"training on {training.num_train:,} images of {len(training.classes)} classes from {training.source}: "

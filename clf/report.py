@@ -29,10 +29,14 @@ FORMATS = {
 TEXT_COLUMNS = ("class", "tag")  # left-aligned on the terminal
 
 
+def reason_counts(errors) -> Counter:
+    """Why files could not be read, counted by the reason's first words (its details in brackets aside)."""
+    return Counter(str(e).split(" (")[0] for e in errors if e)
+
+
 def reasons(errors) -> str:
     """Why files could not be read, counted: "empty file: 1, not an image: 2"."""
-    counts = Counter(str(e).split(" (")[0] for e in errors if e)
-    return ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
+    return ", ".join(f"{reason}: {n}" for reason, n in reason_counts(errors).most_common())
 
 
 def class_frame(metrics: Metrics, classes) -> pd.DataFrame:

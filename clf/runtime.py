@@ -3,7 +3,9 @@
 - connect(): join RAY_ADDRESS or start an embedded Ray that listens on loopback only;
 - cluster_nodes(): the cluster's resources per alive node; plan_*(): pure functions from settings and
   nodes to a fully resolved plan (no None left), unit-tested without Ray;
-- staged_output(): outputs that appear whole or not at all;
+- storage_uri(), refuse_unseen(): Ray Train's checkpoint storage, and whether a local path is seen by
+  every node (on a real cluster no two nodes share a disk);
+- default_output(), new_run_name(): a run's names;
 - the work-arounds around Ray Train's fit() (health checks, the Ctrl-C handler it leaves behind, how its
   errors become ours), each with the reason and the Ray version it was checked against (2.60).
 """
@@ -12,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -189,6 +190,10 @@ def plan_training(cfg: TrainConfig, cluster: Cluster) -> TrainPlan:
     nodes, largest = list(cluster.nodes), cluster.largest()
     if not any(n.cpus for n in largest):
         raise ConfigError(f"the Ray cluster has no CPU for the training workers ({cluster.describe()})")
+    # Sized on the nodes that are up; where none of them has a CPU (a KubeRay head with num-cpus 0 beside
+    # worker groups scaled to zero), on what the autoscaler may add.
+    cpus_up = any(n.cpus for n in nodes)
+    sizing = nodes if cpus_up else largest
     gpus = 1 if cfg.use_gpu else 0
     if cfg.use_gpu:
         if not any(n.gpus for n in largest):
@@ -203,11 +208,13 @@ def plan_training(cfg: TrainConfig, cluster: Cluster) -> TrainPlan:
         num_workers = cfg.num_workers or max(1, holds(nodes, cpus_per_worker))
     elif cfg.num_workers:
         num_workers = cfg.num_workers
-        fitting = [c for c in range(1, max(n.cpus for n in nodes) + 1) if holds(nodes, c) >= num_workers]
+        fitting = [c for c in range(1, max(n.cpus for n in sizing) + 1) if holds(sizing, c) >= num_workers]
         cpus_per_worker = max(fitting, default=1)
-    else:
+    elif cpus_up:
         cpus_per_worker = _default_cpu_worker(nodes)
         num_workers = holds(nodes, cpus_per_worker)
+    else:  # nothing to size on but what may come: one worker, on the largest node the autoscaler may add
+        cpus_per_worker, num_workers = max(n.cpus for n in largest), 1
     min_workers = cfg.min_workers or num_workers
     if min_workers > num_workers:
         raise ConfigError(f"--min-workers {min_workers} is more than the {num_workers} workers of the run")
@@ -237,17 +244,22 @@ def cluster_nodes() -> Cluster:
         for n in ray.nodes()
         if n.get("Alive")
     )
-    return Cluster(nodes, autoscaler_groups())
+    # An embedded Ray is this process's own: nothing grows it, whatever launcher file lies on the machine.
+    return Cluster(nodes, autoscaler_groups(LAUNCHER_CONFIG if os.environ.get("RAY_ADDRESS") else None))
 
 
-def autoscaler_groups() -> tuple[NodeGroup, ...] | None:
+# Where `ray up` leaves its copy of the cluster YAML on the head node.
+LAUNCHER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
+
+
+def autoscaler_groups(launcher_config: Path | None = LAUNCHER_CONFIG) -> tuple[NodeGroup, ...] | None:
     """The node groups an autoscaler of this cluster may run, or None where nothing can grow.
 
     Two sources, checked against Ray 2.60: the cluster config an autoscaler reports to the GCS (autoscaler
     v2, KubeRay's in-tree autoscaler; Ray Train reads the same to refuse workers that can never fit), read
     through Ray's private `state.get_cluster_config()`; and the cluster launcher's own copy of the cluster
-    YAML on the head node, ~/ray_bootstrap_config.yaml (`ray up` writes it there, with the instance types'
-    CPUs and GPUs filled in), where jobs submitted to the head run.
+    YAML on the head node, `launcher_config` (`ray up` writes it to ~/ray_bootstrap_config.yaml, with the
+    instance types' CPUs and GPUs filled in), where jobs submitted to the head run; None: not looked for.
     """
     config = ray._private.state.state.get_cluster_config()
     if config is not None and config.node_group_configs:
@@ -256,9 +268,8 @@ def autoscaler_groups() -> tuple[NodeGroup, ...] | None:
                       g.max_count if g.max_count >= 0 else UNBOUNDED)
             for g in config.node_group_configs
         )
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
-    if bootstrap.is_file():
-        return launcher_groups(yaml.safe_load(bootstrap.read_text()))
+    if launcher_config is not None and launcher_config.is_file():
+        return launcher_groups(yaml.safe_load(launcher_config.read_text()))
     return None
 
 
@@ -274,6 +285,15 @@ def launcher_groups(config: dict) -> tuple[NodeGroup, ...]:
     return tuple(groups)
 
 
+def _cpus_up(cluster: Cluster, what: str) -> int:
+    """The CPUs of the nodes up now; ConfigError where there are none and no autoscaler can add one. (None
+    up but some to come: Ray places the work once the autoscaler has added a node for it.)"""
+    cpus = sum(n.cpus for n in cluster.nodes)
+    if cpus == 0 and not any(n.cpus for n in cluster.largest()):
+        raise ConfigError(f"the Ray cluster has no CPU for {what} ({cluster.describe()})")
+    return cpus
+
+
 def plan_inference(cfg: TrainConfig, cluster: Cluster) -> InferPlan:
     """Inference actors for the test set, from the cluster as it is now (after training: a node may be gone)."""
     nodes = cluster.nodes
@@ -281,7 +301,7 @@ def plan_inference(cfg: TrainConfig, cluster: Cluster) -> InferPlan:
         return InferPlan(cfg.num_infer_actors or max(1, sum(n.gpus for n in nodes)), 0, True)
     # One single-threaded actor per CPU: faster than fewer multi-threaded ones for a model this small. The
     # test set is already in memory, so no task upstream needs a CPU of its own.
-    return InferPlan(cfg.num_infer_actors or max(1, sum(n.cpus for n in nodes)), 1, False)
+    return InferPlan(cfg.num_infer_actors or max(1, _cpus_up(cluster, "the inference actors")), 1, False)
 
 
 def plan_tagging(cfg: TagConfig, cluster: Cluster) -> InferPlan:
@@ -289,52 +309,72 @@ def plan_tagging(cfg: TagConfig, cluster: Cluster) -> InferPlan:
     nodes = cluster.nodes
     cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
     if cfg.use_gpu:
-        if gpus < 1:
-            raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
-        return InferPlan(cfg.num_actors or gpus, 0, True)
+        if not any(n.gpus for n in cluster.largest()):
+            raise ConfigError("--use-gpu was given but the Ray cluster has no GPU (and no autoscaler that can add one)")
+        return InferPlan(cfg.num_actors or max(1, gpus), 0, True)  # none up: one, once a GPU node is added
+    if _cpus_up(cluster, "the predictor actors") == 0:  # one actor and the readers, once a node is added
+        return InferPlan(cfg.num_actors or 1, 1, False)
     if cpus < 2:  # one CPU: an actor holding it whole would starve the decoding tasks for ever
         return InferPlan(1, 0.5, False)
     return InferPlan(cfg.num_actors or cpus - 1, 1, False)
 
 
-# --- Outputs ---------------------------------------------------------------------------------------------
+# --- Names and storage -----------------------------------------------------------------------------------
+
+
+# Ray Train's own default storage (ray.train.constants.DEFAULT_STORAGE_PATH in 2.60; a test checks they agree),
+# which a run checks like any other before it starts.
+DEFAULT_STORAGE = "~/ray_results"
+
+
+def storage_uri(storage_path: str | None) -> str:
+    """Ray Train's checkpoint storage as an absolute path or a URI (s3://, gs://)."""
+    location = storage_path or DEFAULT_STORAGE
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+def refuse_unseen(cluster: Cluster, paths: list[str], what: str) -> None:
+    """`paths` are on the driver's disk and every node must read them (`what` says what they are, for the
+    message): on a cluster of several nodes, a task on each alive node looks for them; ConfigError when some
+    node does not see them all. (An NFS mount is seen everywhere and passes; a node an autoscaler adds later
+    is not checked.)"""
+    if len(cluster.nodes) < 2 or not paths:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    look = ray.remote(num_cpus=0)(_all_exist)
+    checks = {
+        node.node_id: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(paths)
+        for node in cluster.nodes
+    }
+    try:
+        seen = ray.get(list(checks.values()), timeout=NODE_CHECK_TIMEOUT_S)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+        raise ClfError(f"could not check that every node sees {what} ({first_line(e)})") from None
+    blind = [node for node, ok in zip(checks, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"{what} is on this machine's disk only: {len(blind)} of the {len(cluster.nodes)} nodes do not see it "
+            f"(node {', '.join(n[:8] for n in blind)}); use storage every node reaches (s3://, gs://, or a "
+            "folder shared over NFS)"
+        )
+
+
+# A task on each node starts a worker process there: seconds, not minutes, unless a node is overloaded.
+NODE_CHECK_TIMEOUT_S = 120
+
+
+def _all_exist(paths: list[str]) -> bool:
+    return all(os.path.exists(p) for p in paths)
 
 
 def default_output(now: datetime | None = None) -> Path:
     return Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
 
 
-def new_run_name(output: Path) -> str:
+def new_run_name(output: str) -> str:
     """A run name never used before: a new run must never resume an earlier one by accident."""
-    return f"{output.name}-{secrets.token_hex(3)}"
-
-
-@contextmanager
-def staged_output(output: Path):
-    """The temporary folder to fill in place of `output`: renamed to `output` when the block ends, removed
-    when it raises (Ctrl-C included), so a folder named `output` is always complete."""
-    staging = _prepare_output(output)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    staging.rename(output)
-
-
-def _prepare_output(output: Path) -> Path:
-    """Refuse an existing output; return the temporary folder to fill, beside it on the same disk."""
-    if output.exists():
-        raise ConfigError(f"--output {output} exists already; choose a new folder (runs are never overwritten)")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    except OSError as e:
-        raise ConfigError(f"--output {output} cannot be written ({e.strerror or e})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder gets the usual mode
-    return staging
+    return f"{posixpath.basename(output.rstrip('/')) or 'run'}-{secrets.token_hex(3)}"
 
 
 # --- Ray Train's fit() -----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ Ray Train keeps only the latest checkpoints (and their metrics), the history is 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, Ru
 from ray.train.torch import TorchTrainer
 
 from clf import checkpoint as ckpt
-from clf import runtime
+from clf import runtime, storage
 from clf.config import TrainConfig
 from clf.data import Split, TrainingData
 from clf.errors import ClfError, ConfigError
@@ -71,7 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # 0: this attempt started from scratch; fewer workers than asked after a lost node, if elastic.
         record |= {"resumed_from_epoch": start_epoch, "workers": world_size, "nodes": nodes}
         history.append(record)
-        _report(record, learner, history, rank, cfg, classes, loop_config["data"])
+        _report(record, learner, history, rank, cfg, classes, loop_config["identity"])
 
     train_epochs(learner, batches_of_epoch, cfg, start_epoch=start_epoch, rank=rank, device=device,
                  reduce=_all_reduce, after_epoch=report)
@@ -119,7 +118,7 @@ def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
 
 
 def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg: TrainConfig, classes: list[str],
-            data: str) -> None:
+            identity: dict) -> None:
     """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, as the weights agree."""
     if rank != 0:
         ray.train.report(record)
@@ -134,7 +133,7 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
             "optimizer": learner.optimizer.state_dict(),
             "scheduler": learner.scheduler.state_dict(),
             "epoch": record["epoch"],  # epochs completed
-            "settings": run_settings(cfg, data),
+            "settings": run_settings(cfg, identity),
             "history": history,
         }
         ckpt.save(folder, learner.model, classes, train_state)
@@ -151,61 +150,31 @@ def _say(line: str) -> None:
 # --- On the driver ---------------------------------------------------------------------------------------
 
 
-def run_settings(cfg: TrainConfig, data: str) -> dict:
-    """What a resumed run must share with the run it resumes: the settings and the data's identity."""
-    return {name: getattr(cfg, name) for name in RESUME_SETTINGS} | {"data": data}
-
-
-def storage_uri(storage_path: str | None) -> str:
-    """Ray Train's storage as an absolute path or a URI (s3://, gs://)."""
-    from ray.train.constants import DEFAULT_STORAGE_PATH
-
-    if storage_path is None:
-        return DEFAULT_STORAGE_PATH
-    if "://" in storage_path:
-        return storage_path
-    return os.path.abspath(os.path.expanduser(storage_path))
+def run_settings(cfg: TrainConfig, identity: dict) -> dict:
+    """What a resumed run must share with the run it resumes: the settings, and the data's identity (the
+    listing's, checked before any photo is read, and the photos actually used, checked once read)."""
+    return {name: getattr(cfg, name) for name in RESUME_SETTINGS} | identity
 
 
 def run_folder(cfg: TrainConfig) -> str:
-    return f"{storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
+    return f"{runtime.storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
 
 
-def storage_note(cfg: TrainConfig, cluster: runtime.Cluster) -> str | None:
-    """A line for a run on several nodes whose checkpoint storage is a local path: it works only if that path
-    is the same shared folder (NFS) on every node. Not an error: an NFS mount looks local."""
-    if len(cluster.nodes) < 2 or "://" in storage_uri(cfg.storage_path):
-        return None
-    return (f"note: {len(cluster.nodes)} nodes are alive and --storage-path {storage_uri(cfg.storage_path)} is a "
-            "local path: every node must see it as the same shared folder (NFS), or use s3:// or gs://")
+def check_storage_is_shared(cfg: TrainConfig, cluster: runtime.Cluster) -> None:
+    """On several nodes, a local --storage-path works only if it is the same shared folder (NFS) on every
+    node: the workers write checkpoints there and the driver and a restarted run read them. A task on each
+    node looks for a marker the driver writes there."""
+    uri = runtime.storage_uri(cfg.storage_path)
+    if len(cluster.nodes) < 2 or not storage.Place.of(uri).local:
+        return
+    marker = storage.write_marker(uri, "--storage-path")
+    try:
+        runtime.refuse_unseen(cluster, [storage.Place.of(marker).path], f"--storage-path {uri}")
+    finally:
+        storage.remove(marker)
 
 
-def resume_notice(cfg: TrainConfig, data: str) -> str:
-    """What becomes of this run name: a new run, or the resumption of an earlier one of the same name in the
-    storage (refused, with ConfigError, when that one was started with other settings or data)."""
-    earlier = _previous_run(cfg)
-    if earlier is None:
-        return (f"run {cfg.run_name}: checkpoints in {run_folder(cfg)} "
-                f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)")
-    before, now = earlier.get("settings", {}), run_settings(cfg, data)
-    changed = [f"{name} {before.get(name)!r} -> {now[name]!r}" for name in RESUME_SETTINGS if before.get(name) != now[name]]
-    if changed:
-        raise ConfigError(
-            f"run {cfg.run_name!r} in {storage_uri(cfg.storage_path)} was started with other settings "
-            f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
-        )
-    if before.get("data", data) != data:  # checkpoints from before the data was recorded: not refused
-        raise ConfigError(
-            f"run {cfg.run_name!r} in {storage_uri(cfg.storage_path)} was started on other data (its files, "
-            f"their labels or sizes changed: {before['data']} -> {data}); resume it with its own files or "
-            "choose a new --run-name"
-        )
-    if earlier["epoch"] >= cfg.epochs:
-        return f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): evaluating its final model"
-    return f"run {cfg.run_name} has a checkpoint after epoch {earlier['epoch']}: resuming from it"
-
-
-def _previous_run(cfg: TrainConfig) -> dict | None:
+def previous_run(cfg: TrainConfig) -> dict | None:
     """The train state of the latest checkpoint of an earlier run of this name in the storage, if any."""
     try:
         earlier = Result.from_path(run_folder(cfg))
@@ -217,12 +186,50 @@ def _previous_run(cfg: TrainConfig) -> dict | None:
         return ckpt.load_train_state(folder)
 
 
-def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
-    """Train with a TorchTrainer on the connected Ray cluster, as `plan` says."""
+def resume_notice(cfg: TrainConfig, earlier: dict | None, listing: str) -> str:
+    """What becomes of this run name: a new run, or the resumption of `earlier`, the run of the same name in
+    the storage (refused, with ConfigError, when that one was started with other settings or files)."""
+    if earlier is None:
+        return (f"run {cfg.run_name}: checkpoints in {run_folder(cfg)} "
+                f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)")
+    before = earlier.get("settings", {})
+    changed = [f"{name} {before.get(name)!r} -> {getattr(cfg, name)!r}" for name in RESUME_SETTINGS
+               if before.get(name) != getattr(cfg, name)]
+    if changed:
+        raise ConfigError(
+            f"run {cfg.run_name!r} in {runtime.storage_uri(cfg.storage_path)} was started with other settings "
+            f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
+        )
+    if before.get("listing", listing) != listing:  # checkpoints from before it was recorded: not refused
+        raise ConfigError(
+            f"run {cfg.run_name!r} in {runtime.storage_uri(cfg.storage_path)} was started on other data (its files, "
+            f"their labels or sizes changed: {before['listing']} -> {listing}); resume it with its own files or "
+            "choose a new --run-name"
+        )
+    if earlier["epoch"] >= cfg.epochs:
+        return f"run {cfg.run_name} had finished its {cfg.epochs} epoch(s): evaluating its final model"
+    return f"run {cfg.run_name} has a checkpoint after epoch {earlier['epoch']}: resuming from it"
+
+
+def check_same_photos(cfg: TrainConfig, earlier: dict | None, photos: str) -> None:
+    """Once the photos are read: a resumed run must train on the photos its first attempt used. The same
+    listing can give others when a photo read then cannot be read now (or the other way round)."""
+    before = (earlier or {}).get("settings", {}).get("photos", photos)
+    if before != photos:
+        raise ConfigError(
+            f"run {cfg.run_name!r} in {runtime.storage_uri(cfg.storage_path)} was trained on other photos than "
+            f"the ones read now ({before} -> {photos}): a photo it used cannot be read now, or one it skipped can, "
+            "or a file changed; resume it when they read as before, or choose a new --run-name"
+        )
+
+
+def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | None = None) -> Fitted:
+    """Train with a TorchTrainer on the connected Ray cluster, as `plan` says. `listing`: the identity of the
+    listing the data was read from (default: the data's own), kept in each checkpoint for a resume."""
     runtime.prepare_fit()
     with runtime.ctrl_c_kept():
         try:
-            result = _trainer(cfg, plan, data).fit()
+            result = _trainer(cfg, plan, data, listing or data.identity).fit()
         except Exception as e:
             failure = runtime.training_failure(e)
             if failure is e:
@@ -235,13 +242,13 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> Fitted:
     return Fitted(result.checkpoint, history)
 
 
-def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> TorchTrainer:
+def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str) -> TorchTrainer:
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
         "classes": data.classes,
         "num_train": data.num_train,
-        "data": data.identity,
+        "identity": {"listing": listing, "photos": data.identity},
     }
     datasets = None
     if isinstance(data.train, Split):
@@ -264,7 +271,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData) -> TorchTrai
         ),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=storage_uri(cfg.storage_path),
+            storage_path=runtime.storage_uri(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(
                 max_failures=cfg.max_failures, controller_failure_limit=runtime.PLACEMENT_WAITS

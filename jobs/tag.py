@@ -23,7 +23,7 @@ def tag(cfg: TagConfig) -> str:
     from clf.tagging import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
 
     result = pipeline.run(cfg)
-    return f"{pipeline.summary(result, cfg.review_threshold)}\ntags in {result.output / cfg.tags_name}"
+    return f"{pipeline.summary(result, cfg.review_threshold)}\ntags in {result.output.rstrip('/')}/{cfg.tags_name}"
 
 
 def main(argv=None) -> int:

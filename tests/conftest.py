@@ -35,6 +35,22 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3-compatible server on loopback (moto's server mode) for the whole session; its endpoint and dummy
+    credentials are set in this process's environment, which the drivers and Ray clusters the tests start
+    inherit (start a cluster after asking for this fixture)."""
+    from tests.s3 import S3Server, environment_with
+
+    server = S3Server(tmp_path_factory.getbasetemp() / "moto.log")
+    restore = environment_with(server.env)
+    try:
+        yield server
+    finally:
+        restore()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def real_data() -> data.FashionMNIST:
     try:
         return data.load()

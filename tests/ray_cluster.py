@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -90,20 +91,38 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def add_worker_node(self, num_cpus: int = 1) -> str:
+    def add_worker_node(self, num_cpus: int = 1, private: tuple[Path, ...] = ()) -> str:
         """Start one more node on loopback with a --temp-dir of its own, joined to the head; returns that
-        temp dir. (`tests/ray_node.py` says why not `ray start`.)"""
+        temp dir. (`tests/ray_node.py` says why not `ray start`.)
+
+        `private`: folders this node must not share with the machine, as two hosts of a real cluster share
+        no disk. The node then runs in a mount namespace of its own (`unshare`, which needs root) with an
+        empty tmpfs over each of them: it sees none of what the driver writes there (outputs, local
+        checkpoints, photos), and what it writes there stays its own. Everything else (the network on
+        loopback, the installed packages, /dev/shm) it shares."""
         temp_dir = tempfile.mkdtemp(prefix="clf-ray-w-", dir="/tmp")
         self.worker_temp_dirs.append(temp_dir)
-        node = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("ray_node.py")), "--address", self.address,
-             "--temp-dir", temp_dir, "--num-cpus", str(num_cpus)],
-            env=self.env, stdout=subprocess.PIPE, text=True,
-        )
+        command = [sys.executable, str(Path(__file__).with_name("ray_node.py")), "--address", self.address,
+                   "--temp-dir", temp_dir, "--num-cpus", str(num_cpus)]
+        if private:
+            mounts = "".join(f"mkdir -p {shlex.quote(str(p))} && mount -t tmpfs clf-private {shlex.quote(str(p))} && "
+                             for p in private)
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts}exec "$@"', "sh",
+                       *command]
+        errors = Path(temp_dir) / "node-stderr.log"
+        with errors.open("w") as stderr:
+            node = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self._node_helpers.append(node)
         line = node.stdout.readline()  # "node ID up", or "" if it died
         if " up" not in line:
-            raise RuntimeError(f"the worker node did not start (exit {node.wait(timeout=30)})")
+            code = node.wait(timeout=30)
+            why = errors.read_text()[-2000:]
+            if private:
+                raise RuntimeError(
+                    f"could not start a Ray node with a disk of its own (unshare --mount, then tmpfs mounts over "
+                    f"{', '.join(map(str, private))}; this needs root or CAP_SYS_ADMIN): exit {code}\n{why}"
+                )
+            raise RuntimeError(f"the worker node did not start (exit {code})\n{why}")
         return temp_dir
 
     def raylet(self, temp_dir: str) -> psutil.Process:

@@ -35,7 +35,7 @@ def direct(checkpoint_dir, images):
 
 def test_predictor_adds_prediction_and_confidence_and_keeps_other_columns(tiny_checkpoint, tiny_split):
     batch = {"id": np.arange(5), "label": tiny_split.labels[:5], "image": tiny_split.images[:5].copy()}
-    out = Predictor(tiny_checkpoint)(batch)
+    out = Predictor(checkpoint.read(tiny_checkpoint))(batch)
     assert set(out) == {"id", "label", "prediction", "confidence", "node", "actor"}
     assert set(out["node"]) == {""}  # no Ray here: it ran nowhere in a cluster
     prediction, confidence = direct(tiny_checkpoint, tiny_split.images[:5])
@@ -49,7 +49,7 @@ def test_rows_stay_aligned_when_shuffled_before_inference(ray_local, tiny_checkp
     assert len(np.unique(prediction)) >= 3  # otherwise a misalignment could go unseen
 
     shuffled = data.to_ray_dataset(tiny_split, rows_per_block=50).random_shuffle(seed=1)
-    rows = predict(shuffled, tiny_checkpoint, InferPlan(num_actors=1, cpus_per_actor=1, use_gpu=False), batch_size=32)
+    rows = predict(shuffled, checkpoint.read(tiny_checkpoint), InferPlan(num_actors=1, cpus_per_actor=1, use_gpu=False), batch_size=32)
     rows = rows.to_pandas()
 
     assert sorted(rows["id"]) == list(range(300))

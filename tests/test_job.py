@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clf import data
+from clf import checkpoint, data
 from clf.infer import check_complete, predict
 from clf.runtime import InferPlan
 from tests.helpers import EPOCH_TABLE, ROOT, html_references
@@ -95,7 +95,7 @@ def test_checkpoint_loads_without_ray(one_epoch, real_data):
 def test_shuffled_inference_gives_the_same_predictions(ray_local, one_epoch, real_data):
     # One actor on one CPU: the shuffle's tasks need the other.
     shuffled = data.to_ray_dataset(real_data.test).random_shuffle(seed=0)
-    rows = predict(shuffled, str(one_epoch.output / "checkpoint"), InferPlan(1, 1, False), batch_size=1024)
+    rows = predict(shuffled, checkpoint.read(str(one_epoch.output / "checkpoint")), InferPlan(1, 1, False), batch_size=1024)
     rows = check_complete(rows.to_pandas(), real_data.prepare().eval_rows)
     assert rows["prediction"].tolist() == one_epoch.predictions
 

@@ -13,7 +13,6 @@ from clf.errors import CheckpointError, ClfError, ConfigError, run_job
 from clf.runtime import (
     Cluster, InferPlan, Node, NodeGroup, TrainPlan, launcher_groups, plan_inference, plan_tagging, plan_training,
 )
-from clf.trainer import storage_note
 from tests.helpers import ROOT
 
 
@@ -32,6 +31,11 @@ LAUNCHER_NODES = (Node(4), Node(4, 1))
 LAUNCHER_GROUPS = (NodeGroup(4, 0, 1), NodeGroup(4, 1, 8))
 CLUSTER_YAML_FIXED = cluster(*LAUNCHER_NODES)
 CLUSTER_YAML_AUTOSCALING = cluster(*LAUNCHER_NODES, groups=LAUNCHER_GROUPS)
+# k8s/rayjob.yaml: a head with num-cpus 0, its GPU worker group scaled to zero (up to 8 pods of 4 CPUs + 1 GPU).
+KUBERAY_EMPTY = cluster(Node(0), groups=(NodeGroup(0, 0, 1), NodeGroup(4, 1, 8)))
+KUBERAY_GPU_GROUP_UP = cluster(Node(0), Node(4, 1), groups=(NodeGroup(0, 0, 1), NodeGroup(4, 1, 8)))
+# A head with no CPU and nothing that can grow: nowhere to run.
+NO_CPU = cluster(Node(0))
 
 
 def cpu(num_workers, cpus_per_worker, min_workers=None):
@@ -65,6 +69,12 @@ def gpu(num_workers, min_workers=None, waits=False):
         ({"use_gpu": True}, CLUSTER_YAML_FIXED, gpu(1)),
         # The README's own example on cluster.yaml with its autoscaler: wait for 3 more GPU nodes.
         ({"use_gpu": True, "num_workers": 4}, CLUSTER_YAML_AUTOSCALING, gpu(4, waits=True)),
+        # A CPU-less head beside an empty group: size on what the autoscaler may add, and wait for it.
+        ({}, KUBERAY_EMPTY, TrainPlan(1, 1, 4, False, "SPREAD", waits_for_nodes=True)),
+        ({"num_workers": 2}, KUBERAY_EMPTY, TrainPlan(2, 2, 4, False, "SPREAD", waits_for_nodes=True)),
+        ({"cpus_per_worker": 2}, KUBERAY_EMPTY, TrainPlan(1, 1, 2, False, "SPREAD", waits_for_nodes=True)),
+        ({"use_gpu": True}, KUBERAY_EMPTY, gpu(1, waits=True)),
+        ({}, KUBERAY_GPU_GROUP_UP, cpu(1, 4)),  # the CPU-less head is left out
     ],
 )
 def test_training_plan(settings, nodes, plan):
@@ -86,6 +96,8 @@ def test_training_plan(settings, nodes, plan):
         # With one, beyond what it may ever add: refused too.
         ({"use_gpu": True, "num_workers": 9}, CLUSTER_YAML_AUTOSCALING, "needs 9 GPUs; the cluster has 8 at its largest"),
         ({"cpus_per_worker": 8}, CLUSTER_YAML_AUTOSCALING, "do not fit on the largest cluster the autoscaler may run"),
+        ({}, NO_CPU, "the Ray cluster has no CPU for the training workers (1 node(s): 0 CPU)"),
+        ({"num_workers": 2}, NO_CPU, "the Ray cluster has no CPU for the training workers"),
     ],
 )
 def test_training_plans_that_cannot_fit_are_refused(settings, nodes, complaint):
@@ -101,12 +113,26 @@ def test_the_launchers_config_gives_the_groups_an_autoscaler_may_run():
     assert launcher_groups(config) == LAUNCHER_GROUPS
 
 
-def test_a_local_storage_path_on_several_nodes_gets_a_note():
-    two = cluster(Node(2), Node(2))
-    note = storage_note(TrainConfig(storage_path="/mnt/runs"), two)
-    assert note and "--storage-path /mnt/runs is a local path" in note and "2 nodes" in note
-    assert storage_note(TrainConfig(storage_path="s3://bucket/runs"), two) is None
-    assert storage_note(TrainConfig(storage_path="/mnt/runs"), LAPTOP) is None
+@pytest.mark.slow
+def test_an_embedded_ray_ignores_a_launcher_file_left_on_the_machine(ray_local, tmp_path, monkeypatch):
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
+    launcher = tmp_path / "ray_bootstrap_config.yaml"
+    launcher.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(runtime, "LAUNCHER_CONFIG", launcher)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runtime.cluster_nodes().groups is None  # this process's own Ray: nothing will grow it
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan_training(TrainConfig(use_gpu=True), runtime.cluster_nodes())
+    # Joined to a cluster (as a job on a launcher's head node is), the file says what may be added.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert runtime.cluster_nodes().groups == launcher_groups(config)
+
+
+def test_ray_trains_default_storage_is_the_one_checked():
+    from ray.train.constants import DEFAULT_STORAGE_PATH
+
+    assert runtime.storage_uri(None) == DEFAULT_STORAGE_PATH
 
 
 def test_inference_plan_after_training():
@@ -117,6 +143,10 @@ def test_inference_plan_after_training():
     # A node lost during training: the plan follows the cluster as it is now.
     assert plan_inference(TrainConfig(), cluster(Node(cpus=2), Node(cpus=2))).num_actors == 4
     assert plan_inference(TrainConfig(), cluster(Node(cpus=2))).num_actors == 2
+    # No CPU up, but an autoscaler can add one: one actor, placed once it has.
+    assert plan_inference(TrainConfig(), KUBERAY_EMPTY) == InferPlan(1, 1, False)
+    with pytest.raises(ConfigError, match="no CPU for the inference actors"):
+        plan_inference(TrainConfig(), NO_CPU)
 
 
 def test_tagging_plan_leaves_the_decoders_a_cpu():
@@ -127,6 +157,10 @@ def test_tagging_plan_leaves_the_decoders_a_cpu():
     assert plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), ONE_GPU) == InferPlan(1, 0, True)
     with pytest.raises(ConfigError, match="no GPU"):
         plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), LAPTOP)
+    assert plan_tagging(tag, KUBERAY_EMPTY) == InferPlan(1, 1, False)
+    assert plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), KUBERAY_EMPTY) == InferPlan(1, 0, True)
+    with pytest.raises(ConfigError, match="no CPU for the predictor actors"):
+        plan_tagging(tag, NO_CPU)
 
 
 def test_a_clf_error_in_a_worker_stays_one_line_of_its_kind():

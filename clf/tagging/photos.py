@@ -18,11 +18,11 @@ import io
 import warnings
 
 import numpy as np
-import pyarrow.fs as pafs
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from clf.errors import first_line
+from clf import storage
 from clf.data import IMAGE_SIZE
+from clf.errors import first_line
 
 # Fashion-MNIST trimmed "edges close to the colour of the corner pixels" at a 5% distance; photos with
 # sensor noise or JPEG artefacts need the larger of that and a few noise widths of their border.
@@ -104,14 +104,20 @@ def load(data: bytes) -> np.ndarray:
 
 
 def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task: each row's file (column `path`) read and brought into the model's domain as `image`,
-    or `error` says why it could not be; the other columns pass through. One bad file never stops the job."""
+    """Ray Data task: each row's file (column `path`, a local path or a URI) read and brought into the
+    model's domain as `image`, or `error` says why it could not be; `size`, the bytes read (-1 when none
+    were); the other columns pass through. One bad file never stops the job."""
     paths = batch["path"]
     images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors = np.full(len(paths), "", dtype=object)
+    sizes = np.full(len(paths), -1, dtype=np.int64)
     for i, path in enumerate(paths):
         try:
-            images[i] = load_file(path)
+            if not path:
+                raise PhotoError("empty path")
+            data = storage.read_location(path)  # a remote read that fails for a moment is tried again
+            sizes[i] = len(data)
+            images[i] = load(data)
         except PhotoError as e:
             errors[i] = str(e)
         except FileNotFoundError:
@@ -122,7 +128,7 @@ def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             errors[i] = "permission denied"
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the job; its row says why
             errors[i] = f"could not read or decode ({type(e).__name__}: {first_line(e)})"
-    return batch | {"image": images, "error": errors}
+    return batch | {"image": images, "error": errors, "size": sizes}
 
 
 def load_file(path: str) -> np.ndarray:
@@ -130,9 +136,4 @@ def load_file(path: str) -> np.ndarray:
     image; PhotoError (or OSError) says why not."""
     if not path:
         raise PhotoError("empty path")
-    if "://" in path:
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        with filesystem.open_input_file(inner) as f:
-            return load(f.read())
-    with open(path, "rb") as f:
-        return load(f.read())
+    return load(storage.read_location(path))

@@ -4,29 +4,33 @@ Pipeline (Ray Data): the list of files -> tasks that read and decode each photo 
 domain (`clf.tagging.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor`
 over an actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
 whole dataset on one unreadable file and drop nothing silently only by failing; here every file gets its
-row, a bad one with the reason. The driver collects the rows (no images: a few short columns), checks
-that each input has exactly one, and writes them itself, as one file, into a staging folder that is
-renamed into place when complete: the driver's disk is the only one the user is sure to reach (a Ray Data
-writer would write from whichever node Ray picks).
+row, a bad one with the reason. The model reaches the predictor actors through Ray's object store (the
+driver reads the checkpoint once, from its disk or a URI). The driver collects the rows (no images: a few
+short columns), checks that each input has exactly one, and writes them itself, as one file, then
+summary.json, into a staging folder that becomes --output when complete: renamed into place on the
+driver's disk, or uploaded to a bucket with summary.json last (a Ray Data writer would write from whichever
+node Ray picks, onto a disk the user may never see).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import ray.data
 
 from clf import checkpoint as ckpt
-from clf import runtime
+from clf import runtime, storage
+from clf.catalog import read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
-from clf.report import reasons, text_table
+from clf.report import provenance, reason_counts, reasons, text_table
 from clf.runtime import InferPlan
 from clf.tagging import photos
 
@@ -37,12 +41,14 @@ COLUMNS = [
     "needs_review", "error",
 ]
 PROGRESS_EVERY_S = 10.0
+# Written last into the output: an output without it is incomplete.
+SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
 class TagResult:
     rows: pd.DataFrame  # COLUMNS, one row per input file, in input order
-    output: Path
+    output: str  # a folder on the driver's disk, or a URI
     seconds: float  # reading, decoding and tagging, actor start-up included
     nodes: dict[str, int]  # Ray node id -> files its predictor actors tagged
 
@@ -56,30 +62,22 @@ class TagResult:
 
 
 def list_inputs(source: str) -> list[str]:
-    """Absolute paths of the files to tag: every file in a folder and below (hidden ones aside), or the
-    `path` column of a .parquet or .csv listing (relative to the listing's folder)."""
-    path = Path(source)
-    if path.is_dir():
-        files = [
-            str(p.resolve())
-            for p in sorted(path.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        ]
+    """The files to tag, as absolute paths or URIs: every file in a folder and below (hidden ones aside), or
+    the `path` column of a .parquet or .csv listing (relative entries relative to the listing's folder).
+    `source` may itself be a URI (s3://bucket/photos/)."""
+    try:
+        place = storage.Place.of(source)
+        kind = place.kind()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--input {source} cannot be reached ({first_line(e)})") from None
+    if kind == pafs.FileType.Directory:
+        files = [place.location(info.path) for info in place.files()]
         if not files:
             raise ConfigError(f"--input {source} holds no files")
         return files
-    if not path.exists():
+    if kind == pafs.FileType.NotFound:
         raise ConfigError(f"--input {source} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            listing = pd.read_parquet(path)
-        elif suffix == ".csv":
-            listing = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            raise ConfigError(f"--input {source} is neither a folder nor a .parquet or .csv listing")
-    except (ValueError, OSError) as e:  # pandas' and pyarrow's errors for an unreadable listing
-        raise ConfigError(f"--input {source} cannot be read as a listing ({first_line(e)})") from None
+    listing = read_listing(place, source, "--input", ConfigError)
     if "path" in listing.columns:
         column = listing["path"]
     elif len(listing.columns) == 1:
@@ -88,9 +86,7 @@ def list_inputs(source: str) -> list[str]:
         raise ConfigError(f"--input {source} has no `path` column (columns: {', '.join(map(str, listing.columns))})")
     if column.empty:
         raise ConfigError(f"--input {source} lists no files")
-    base = path.resolve().parent
-    # An empty entry stays empty: its row says so rather than pointing at the listing's folder.
-    return [str(base / p) if p and not os.path.isabs(p) else str(p) for p in column.fillna("").astype(str)]
+    return [place.resolve(entry) for entry in column.fillna("").astype(str)]
 
 
 def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) -> pd.DataFrame:
@@ -118,33 +114,37 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
 
 
 def run(cfg: TagConfig) -> TagResult:
-    _, classes = ckpt.load_model(cfg.checkpoint)  # fail now, in one line, on one the actors could not load
+    model = ckpt.read(cfg.checkpoint)  # on the driver, once: fails here, in one line, if it cannot be loaded
+    ckpt.build(model)
     paths = list_inputs(cfg.input)
-    output = Path(cfg.output)
-    with runtime.staged_output(output) as staging:
+    with storage.staged_output(cfg.output, last=SUMMARY) as staging:
         runtime.connect()
-        plan = runtime.plan_tagging(cfg, runtime.cluster_nodes())
+        cluster = runtime.cluster_nodes()
+        plan = runtime.plan_tagging(cfg, cluster)
+        local = [path for path in (storage.local_path(p) for p in paths if p) if path]
+        runtime.refuse_unseen(cluster, storage.sample(local), f"--input {cfg.input} (its photos)")
         print(f"tagging {len(paths):,} files from {cfg.input} with {plan.num_actors} predictor actor(s)", flush=True)
         started = time.perf_counter()
-        rows = _collect(_tag(cfg, plan, paths, classes), len(paths), started)
-        seconds = time.perf_counter() - started
-        tags = rows[COLUMNS]
+        rows = _collect(_tag(cfg, plan, paths, model), len(paths), started)
+        result = TagResult(rows[COLUMNS], cfg.output, time.perf_counter() - started,
+                           rows["node"].value_counts().to_dict())
         if cfg.format == "csv":
-            tags.to_csv(staging / cfg.tags_name, index=False)
+            result.rows.to_csv(staging / cfg.tags_name, index=False)
         else:
-            tags.to_parquet(staging / cfg.tags_name, index=False)
-    return TagResult(tags, output, seconds, rows["node"].value_counts().to_dict())
+            result.rows.to_parquet(staging / cfg.tags_name, index=False)
+        (staging / SUMMARY).write_text(json.dumps(summary_record(result, cfg, model), indent=2) + "\n")
+    return result
 
 
-def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], classes: list[str]) -> ray.data.Dataset:
+def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], model: ckpt.ModelFiles) -> ray.data.Dataset:
     """The Ray Data job: read and convert each file (tasks), predict (actors), rows of tags."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
     blocks = max(1, min(len(paths), -(-len(paths) // cfg.batch_size)))
     prepared = ray.data.from_pandas(listing).repartition(blocks).map_batches(
         photos.read_photos, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
     )
-    return predict(prepared, os.path.abspath(cfg.checkpoint), plan, cfg.batch_size, top_k=TOP_K).map_batches(
-        to_rows, fn_kwargs={"classes": classes, "review_threshold": cfg.review_threshold}, batch_format="pandas"
+    return predict(prepared, model, plan, cfg.batch_size, top_k=TOP_K).map_batches(
+        to_rows, fn_kwargs={"classes": model.classes, "review_threshold": cfg.review_threshold}, batch_format="pandas"
     )
 
 
@@ -162,6 +162,24 @@ def _collect(tagged: ray.data.Dataset, count: int, started: float) -> pd.DataFra
     if len(rows) != count or not np.array_equal(rows["index"].to_numpy(), np.arange(count)):
         raise ClfError(f"tagging returned {len(rows)} rows for {count} files")
     return rows
+
+
+def summary_record(result: TagResult, cfg: TagConfig, model: ckpt.ModelFiles) -> dict:
+    """summary.json: the counts the console summary shows, the settings, and where the work ran."""
+    rows = result.rows
+    return {
+        "files": len(rows),
+        "tagged": result.tagged,
+        "failed": result.failed,
+        "failed_by_reason": dict(reason_counts(rows["error"]).most_common()),
+        "needs_review": int(rows["needs_review"].sum()),
+        "tags": {str(k): int(v) for k, v in rows.loc[rows["error"] == "", "tag"].value_counts().items()},
+        "classes": model.classes,
+        "seconds": round(result.seconds, 3),
+        "nodes": {node: int(n) for node, n in result.nodes.items()},
+        "config": dataclasses.asdict(cfg),
+        "provenance": provenance(),
+    }
 
 
 def summary(result: TagResult, review_threshold: float) -> str:
