@@ -10,10 +10,14 @@ RUN sudo apt-get update \
     && sudo apt-get install -y --no-install-recommends dataset-fashion-mnist \
     && sudo rm -rf /var/lib/apt/lists/*
 
+# clf installed as the wheel `pip install` builds (tests/test_packaging.py checks that it holds every module of
+# clf/), with PyTorch (CUDA wheels from PyPI), torchvision, torchmetrics and the rest of pyproject.toml's
+# dependencies; Ray is already in the image. The source tree is not kept: the driver and the workers on every
+# node import the same installed package.
+COPY --chown=ray:users pyproject.toml README.md /tmp/clf-src/
+COPY --chown=ray:users clf /tmp/clf-src/clf
+RUN pip install --no-cache-dir /tmp/clf-src && rm -rf /tmp/clf-src
+
+# The jobs, run by path (the RayJob's entrypoint: python /home/ray/clf/jobs/train.py ...).
 WORKDIR /home/ray/clf
-COPY --chown=ray:users pyproject.toml README.md ./
-COPY --chown=ray:users clf ./clf
 COPY --chown=ray:users jobs ./jobs
-# Ray is already in the image; this adds PyTorch (CUDA wheels from PyPI), torchvision, torchmetrics and the
-# rest of pyproject.toml's dependencies.
-RUN pip install --no-cache-dir .

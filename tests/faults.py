@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
 import pytest
 
+from clf import storage
 from tests.helpers import ROOT
 from tests.ray_cluster import kill_survivors
 
@@ -32,24 +34,30 @@ def training_workers() -> list[psutil.Process]:
     return found
 
 
-def kill_worker_after_first_checkpoint(run_dir, killed: list) -> None:
+def has_checkpoint(run_dir) -> bool:
+    """Whether Ray Train has registered a checkpoint in `run_dir` (a local folder or a URI): it writes this
+    file once it has, and a restart can then use it."""
+    snapshot = storage.Place.of(f"{str(run_dir).rstrip('/')}/checkpoint_manager_snapshot.json")
+    return snapshot.kind() == pafs.FileType.File
+
+
+def kill_worker_after_first_checkpoint(run_dir, killed: list, workers) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        # Ray Train writes this file once it has registered a checkpoint: a restart can then use it.
-        if (run_dir / "checkpoint_manager_snapshot.json").is_file():
-            for worker in training_workers():
+        if has_checkpoint(run_dir):
+            for worker in workers():
                 worker.send_signal(signal.SIGKILL)
                 killed.append(worker.pid)
             return
-        time.sleep(0.1)
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
-def worker_killed_after_first_checkpoint(run_dir):
-    """While the block runs, SIGKILL the training worker once Ray Train has registered a checkpoint;
-    yields the list of pids killed."""
+def worker_killed_after_first_checkpoint(run_dir, workers=training_workers):
+    """While the block runs, SIGKILL the training workers `workers()` finds (default: those this process
+    started) once Ray Train has registered a checkpoint in `run_dir`; yields the list of pids killed."""
     killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_after_first_checkpoint, args=(run_dir, killed))
+    killer = threading.Thread(target=kill_worker_after_first_checkpoint, args=(run_dir, killed, workers))
     killer.start()
     try:
         yield killed
@@ -64,10 +72,10 @@ def start_driver(args: list[str], log: Path, env: dict | None = None) -> subproc
     )
 
 
-def wait_for_checkpoint(run_dir: Path, driver: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+def wait_for_checkpoint(run_dir: Path | str, driver: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     """Until Ray Train has registered a checkpoint of the run (a restart can then resume from it)."""
     deadline = time.monotonic() + timeout
-    while not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+    while not has_checkpoint(run_dir):
         if driver.poll() is not None:
             pytest.fail(f"the driver ended (exit {driver.returncode}) before a checkpoint:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:

@@ -4,6 +4,7 @@
     python -m tests.programs predict-without-ray CHECKPOINT IMAGES.npy
     python -m tests.programs untrained-checkpoint FOLDER
     python -m tests.programs step-page-faults {adaptive,kept}
+    python -m tests.programs refuse-unseen PATH...
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def step_page_faults(malloc: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
+def refuse_unseen(paths: list[str]) -> None:
+    """Join the cluster in RAY_ADDRESS and ask every node to find `paths`; prints "seen everywhere", or the
+    refusal."""
+    from clf import runtime
+    from clf.errors import ConfigError
+
+    runtime.connect()
+    try:
+        runtime.refuse_unseen(runtime.cluster_nodes(), paths, "the paths")
+        print("seen everywhere")
+    except ConfigError as e:
+        print(f"refused: {e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     commands = p.add_subparsers(dest="command", required=True)
@@ -80,11 +95,15 @@ def main() -> None:
     untrained.add_argument("folder")
     faults = commands.add_parser("step-page-faults")
     faults.add_argument("malloc", choices=["adaptive", "kept"])
+    unseen = commands.add_parser("refuse-unseen")
+    unseen.add_argument("paths", nargs="+")
     args = p.parse_args()
     if args.command == "run-one-epoch":
         run_one_epoch(args.output, args.storage)
     elif args.command == "predict-without-ray":
         predict_without_ray(args.checkpoint, args.images)
+    elif args.command == "refuse-unseen":
+        refuse_unseen(args.paths)
     elif args.command == "step-page-faults":
         step_page_faults(args.malloc)
     else:

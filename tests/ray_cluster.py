@@ -41,6 +41,12 @@ def kill_survivors(procs: list[psutil.Process], grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+def not_shared(basetemp: Path) -> tuple[Path, ...]:
+    """What a second node must not share with the driver for it to stand for another host: the tests' own
+    folder (outputs, local checkpoints, data and photos the tests write) and Ray Train's default storage."""
+    return basetemp, Path.home() / "ray_results"
+
+
 class LocalCluster:
     def __init__(self, num_cpus: int = 2):
         # Short, private temp dir: Ray's unix socket paths must stay under ~100 characters.

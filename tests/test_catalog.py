@@ -16,6 +16,7 @@ import pytest
 
 from clf import catalog, data
 from clf.config import TrainConfig
+from clf.errors import ConfigError
 from clf.runtime import TrainPlan
 from clf.trainer import fit
 from tests.catalog import STORE_CLASSES, write_broken_into_classes, write_labelled_catalog
@@ -295,6 +296,34 @@ def test_two_workers_see_disjoint_shards_that_cover_the_training_split(prepared,
 
 
 @pytest.mark.slow
+def test_the_photos_digest_is_of_the_photos_read_and_guards_a_resume(ray_local, shop, tmp_path):
+    from clf.trainer import check_same_photos
+
+    root, _, _ = shop
+    rows = []
+    for name in ("bags", "dresses"):
+        for photo in sorted((root / "catalog" / name).glob("photo-*"))[:4]:
+            (tmp_path / name).mkdir(exist_ok=True)
+            shutil.copy(photo, tmp_path / name / photo.name)
+            rows.append((f"{name}/{photo.name}", name))
+    pd.DataFrame(rows, columns=["path", "label"]).to_parquet(tmp_path / "listing.parquet")
+    cfg = TrainConfig(train_data=str(tmp_path / "listing.parquet"), run_name="r")
+    first = catalog.open_catalog(cfg)
+    before = first.prepare()
+    # One photo reads otherwise now (a remote read that failed past its retries looks the same): the listing,
+    # whose entries give no sizes, is the same; the photos used are not.
+    (tmp_path / "bags" / rows[1][0].split("/")[1]).write_bytes(b"not a photo any more")
+    again = catalog.open_catalog(cfg)
+    after = again.prepare()
+    assert again.identity == first.identity and after.identity != before.identity
+    assert [s["path"] for s in after.skipped] == [str(tmp_path / rows[1][0])]
+    earlier = {"settings": {"photos": before.identity}}
+    check_same_photos(cfg, earlier, before.identity)
+    with pytest.raises(ConfigError, match="run 'r' in .* was trained on other photos than the ones read now"):
+        check_same_photos(cfg, earlier, after.identity)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_resumes_on_the_catalog_path(prepared, tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=32, storage_path=str(tmp_path), run_name="catalog", max_failures=2)
     with worker_killed_after_first_checkpoint(tmp_path / "catalog") as killed:
@@ -323,9 +352,12 @@ def test_a_killed_driver_resumes_by_name_and_a_changed_catalog_is_refused(shop, 
     assert "run shop has a checkpoint after epoch" in out
     assert json.loads((tmp_path / "second" / "metrics.json").read_text())["history"][-1]["resumed_from_epoch"] >= 1
 
-    first = sorted((photos / "bags").glob("photo-*"))[0]
-    shutil.copy(first, first.with_stem("photo-99999"))  # the catalog grew
+    # Every photo emptied: the listing's sizes changed, and the run is refused on them before any photo is
+    # read (read first, the same run would fail on "... of the ... photos cannot be read").
+    for photo in photos.rglob("*.*"):
+        photo.write_bytes(b"")
     third = train_cli(*common, "--output", str(tmp_path / "third"))
     assert third.returncode == 2
     assert "run 'shop'" in third.stderr and "was started on other data" in third.stderr
+    assert "cannot be read" not in third.stderr and "skipped" not in third.stdout
     assert "Traceback" not in third.stderr and not (tmp_path / "third").exists()

@@ -79,3 +79,15 @@ def test_the_image_is_rays_of_the_installed_version(rayjob):
     assert base, "the Dockerfile starts from Ray's official image"
     assert base.group(1).split("-")[0] == RAY_VERSION
     assert base.group(1).endswith("gpu")  # CUDA for --use-gpu
+
+
+def test_the_image_installs_the_package_and_keeps_no_source_tree_beside_the_jobs():
+    # jobs/*.py put their parent folder first on sys.path: a clf/ there would shadow the installed wheel on the
+    # driver while the workers used the wheel. The image installs the wheel and copies only jobs/ beside.
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    package_copies = [line.split()[-1] for line in lines if line.startswith("COPY") and " clf " in f"{line} "]
+    assert package_copies and all(dest.startswith("/tmp/") for dest in package_copies)
+    source = package_copies[0].rsplit("/clf", 1)[0]
+    assert any(line.startswith("RUN pip install") and source in line for line in lines)
+    workdir = [line.split()[1] for line in lines if line.startswith("WORKDIR")][-1]
+    assert f"{workdir}/jobs/train.py" == "/home/ray/clf/jobs/train.py"  # the RayJob's entrypoint

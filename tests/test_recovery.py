@@ -1,5 +1,6 @@
 """Real recoveries through the real CLI: a driver killed mid-run and started again with the same run name;
-a worker node lost mid-training on a two-node loopback cluster."""
+a worker node lost mid-training on a two-node loopback cluster whose nodes share no disk (checkpoints in
+the loopback S3 server)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint
 from tests.helpers import ROOT, real_dataset_dir
-from tests.ray_cluster import LocalCluster
+from tests.ray_cluster import LocalCluster, not_shared
 
 pytestmark = pytest.mark.slow
 
@@ -61,39 +62,44 @@ def test_a_killed_driver_started_again_resumes_its_run(data_dir, tmp_path):
 
 
 @pytest.fixture
-def two_nodes():
-    """A head and a worker node on loopback, one CPU each, each with its own --temp-dir; stopped after."""
+def two_nodes(s3, tmp_path_factory):
+    """A head and a worker node on loopback, one CPU each, each with its own --temp-dir, sharing no disk;
+    stopped after."""
     cluster = LocalCluster(num_cpus=1).start()
     try:
-        yield cluster, cluster.add_worker_node(num_cpus=1)
+        yield cluster, cluster.add_worker_node(num_cpus=1, private=not_shared(tmp_path_factory.getbasetemp()))
     finally:
         cluster.stop()
 
 
-def train_and_lose_the_worker_node(two_nodes, data_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    """Train with one worker on each node and SIGKILL the worker node's raylet once a checkpoint is
-    registered; returns the still running driver and its log."""
+@pytest.fixture(scope="module")
+def bucket(s3):
+    return s3.bucket("recovery")
+
+
+def train_and_lose_the_worker_node(two_nodes, data_dir, storage: str, tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Train with one worker on each node, checkpoints in `storage`, and SIGKILL the worker node's raylet
+    once a checkpoint is registered; returns the still running driver and its log."""
     cluster, worker_node = two_nodes
-    storage = tmp_path / "storage"
     log = tmp_path / "driver.log"
     driver = start_driver(
         ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64",
          "--num-workers", "2", "--cpus-per-worker", "1", *extra,
-         "--storage-path", str(storage), "--run-name", "two-nodes", "--output", str(tmp_path / "out")],
+         "--storage-path", storage, "--run-name", "two-nodes", "--output", str(tmp_path / "out")],
         log,
         # After the loss a run first waits this long for all its workers (Ray's default: 60 s, time an
         # autoscaler gets to bring a replacement).
         env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"},
     )
-    wait_for_checkpoint(storage / "two-nodes", driver, log)
+    wait_for_checkpoint(f"{storage}/two-nodes", driver, log)
     on_worker_node = [p for p in cluster.processes([worker_node]) if p.name().startswith("ray::RayTrainWorker")]
     assert on_worker_node, "no training worker ran on the worker node"
     cluster.raylet(worker_node).send_signal(signal.SIGKILL)
     return driver, log
 
 
-def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data_dir, tmp_path):
-    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, tmp_path, "--min-workers", "1")
+def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data_dir, bucket, tmp_path):
+    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, f"{bucket}/elastic", tmp_path, "--min-workers", "1")
     out = finish(driver, log)
     assert driver.returncode == 0, out[-3000:]
     assert "training resumed from the checkpoint after epoch" in out
@@ -103,8 +109,8 @@ def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data
     assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
 
 
-def test_a_lost_node_fails_a_fixed_size_run_with_a_clear_message(two_nodes, data_dir, tmp_path):
-    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, tmp_path)
+def test_a_lost_node_fails_a_fixed_size_run_with_a_clear_message(two_nodes, data_dir, bucket, tmp_path):
+    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, f"{bucket}/fixed", tmp_path)
     out = finish(driver, log)
     assert driver.returncode == 1, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("train.py: error:")]

@@ -1,21 +1,29 @@
-"""A real two-node cluster on loopback (a head from `ray start` and one more node, 2 CPUs each, each with its
-own temp dir, token authentication on): jobs submitted with `ray job submit` size themselves per node, run
-a worker on each node, and record where each worker and actor ran."""
+"""A real two-node cluster on loopback whose nodes share no disk, as a real cluster's hosts do: a head from
+`ray start` and a second node in a mount namespace of its own, with empty private folders over the tests'
+folder and ~/ray_results (2 CPUs each, token authentication on), and an S3-compatible server on loopback
+that both reach. Jobs keep their checkpoints, catalogs, photos and outputs in the bucket, size themselves
+per node, run a worker on each node, survive a worker killed on the second node and a driver killed and
+started again; local paths that the second node cannot see are refused in one line before any work."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.catalog import write_broken, write_catalog
+from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint, worker_killed_after_first_checkpoint
 from tests.helpers import ROOT, real_dataset_dir
-from tests.ray_cluster import LocalCluster
+from tests.ray_cluster import LocalCluster, not_shared
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +31,10 @@ TRAIN = str(ROOT / "jobs" / "train.py")
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3, tmp_path_factory):
     c = LocalCluster(num_cpus=2).start()
     try:
-        c.add_worker_node(num_cpus=2)
+        c.add_worker_node(num_cpus=2, private=not_shared(tmp_path_factory.getbasetemp()))
         yield c
     finally:
         c.stop()
@@ -34,8 +42,22 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
+def bucket(s3):
+    return s3.bucket("two-nodes")
+
+
+@pytest.fixture(scope="module")
 def data_dir(real_data, tmp_path_factory):
     return real_dataset_dir(real_data, tmp_path_factory.mktemp("data"), n_train=6000, n_test=1000)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> Path:
+    """A checkpoint folder on the driver's disk (where the rows count, not the tags)."""
+    folder = tmp_path_factory.mktemp("untrained") / "checkpoint"
+    subprocess.run([sys.executable, "-m", "tests.programs", "untrained-checkpoint", str(folder)], check=True,
+                   cwd=ROOT, timeout=120)
+    return folder
 
 
 def node_ids(cluster) -> set[str]:
@@ -47,42 +69,66 @@ def node_ids(cluster) -> set[str]:
     return set(proc.stdout.split())
 
 
-def submit_training(cluster, data_dir, out, *flags):
-    proc = cluster.submit("python", "jobs/train.py", "--epochs", "1", "--data-dir", str(data_dir), "--output", str(out),
-                          "--storage-path", str(out.parent / "storage"), *flags, working_dir=ROOT)
+def submitted(cluster, *entrypoint: str) -> str:
+    proc = cluster.submit("python", *entrypoint, working_dir=ROOT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    return json.loads((out / "metrics.json").read_text()), log
+    return log
 
 
-def test_without_sizing_flags_one_worker_per_node_sized_to_it(cluster, data_dir, tmp_path):
-    metrics, log = submit_training(cluster, data_dir, tmp_path / "run")
+def training_workers_on_the_second_node(cluster):
+    return lambda: [p for p in cluster.processes(cluster.worker_temp_dirs) if p.name().startswith("ray::RayTrainWorker")]
+
+
+def test_checkpoints_and_outputs_in_a_bucket_and_a_worker_killed_on_the_other_node(cluster, s3, bucket, data_dir):
+    with worker_killed_after_first_checkpoint(f"{bucket}/checkpoints/killed",
+                                              training_workers_on_the_second_node(cluster)) as killed:
+        log = submitted(cluster, "jobs/train.py", "--epochs", "3", "--data-dir", str(data_dir), "--run-name", "killed",
+                        "--storage-path", f"{bucket}/checkpoints", "--output", f"{bucket}/outputs/killed")
+    assert killed, "no training worker was found on the second node"
+    outputs = f"{bucket}/outputs/killed"
+    metrics = json.loads(s3.read(f"{outputs}/metrics.json"))
+    # Without sizing flags, one worker per node sized to it; one of them was killed and the run resumed.
     assert metrics["plan"]["training"] == {
         "num_workers": 2, "min_workers": 2, "cpus_per_worker": 2, "use_gpu": False, "placement": "SPREAD",
         "waits_for_nodes": False,
     }
-    assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)  # one per node, within its 2 CPUs
-    assert "is a local path" in log  # the note about --storage-path on more than one node
-
-    # Complete and correct: the metrics are those of the predictions written.
-    rows = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3] and metrics["history"][-1]["resumed_from_epoch"] >= 1
+    assert "training resumed from the checkpoint after epoch" in log
+    # Every output in the bucket, written by the driver; the checkpoints too.
+    assert s3.keys(outputs) == sorted([
+        "checkpoint/model.json", "checkpoint/model.pt", "checkpoint/train_state.pt", "confusion_matrix.png",
+        "history.png", "metrics.json", "mistakes.png", "per_class.png", "predictions.parquet", "report.html",
+    ])
+    assert any(k.startswith("checkpoint_") for k in s3.keys(f"{bucket}/checkpoints/killed"))
+    # Evaluated (the model reaches the actors through the object store, wherever they are), complete and correct.
+    rows = pd.read_parquet(io.BytesIO(s3.read(f"{outputs}/predictions.parquet")))
     assert sorted(rows["id"]) == list(range(1000)) and metrics["count"] == 1000
     assert metrics["accuracy"] == pytest.approx(np.mean(rows["label"] == rows["prediction"]), abs=1e-6)
     actors = metrics["placement"]["inference_actors"]
     assert sum(a["rows"] for a in actors) == 1000 and {a["node"] for a in actors} <= node_ids(cluster)
 
 
-def test_two_workers_of_one_cpu_spread_across_the_nodes_like_a_one_node_run(cluster, data_dir, tmp_path):
-    flags = ["--num-workers", "2", "--cpus-per-worker", "1", "--seed", "3"]
-    two_nodes, _ = submit_training(cluster, data_dir, tmp_path / "two", *flags)
+def test_two_workers_of_one_cpu_with_a_folder_both_nodes_see_train_like_a_one_node_run(cluster, data_dir, tmp_path):
+    # A local --storage-path that every node sees (here a folder outside the second node's private ones; on a
+    # real cluster an NFS mount) passes the check and holds the checkpoints.
+    shared = Path(tempfile.mkdtemp(prefix="clf-shared-", dir="/tmp"))
+    try:
+        flags = ["--epochs", "1", "--data-dir", str(data_dir), "--num-workers", "2", "--cpus-per-worker", "1",
+                 "--seed", "3"]
+        submitted(cluster, "jobs/train.py", *flags, "--storage-path", str(shared), "--output", str(tmp_path / "two"))
+        two_nodes = json.loads((tmp_path / "two" / "metrics.json").read_text())
+        assert list(shared.iterdir()) and not [p for p in shared.iterdir() if p.name.startswith(".clf-check-")]
+    finally:
+        shutil.rmtree(shared)
     workers = two_nodes["placement"]["training_workers"]
     assert len(workers) == 2 and set(workers) == node_ids(cluster)  # DDP across the two nodes
 
     # The same flags and seed in an embedded Ray on this one machine.
     one = tmp_path / "one"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, TRAIN, "--epochs", "1", "--data-dir", str(data_dir), "--output", str(one),
-                           "--storage-path", str(tmp_path / "storage-one"), *flags],
+    proc = subprocess.run([sys.executable, TRAIN, *flags, "--output", str(one), "--storage-path", str(tmp_path / "s")],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one_node = json.loads((one / "metrics.json").read_text())
@@ -90,30 +136,91 @@ def test_two_workers_of_one_cpu_spread_across_the_nodes_like_a_one_node_run(clus
     assert abs(two_nodes["accuracy"] - one_node["accuracy"]) <= 0.002
 
 
-def test_tagging_uses_predictor_actors_on_both_nodes(cluster, real_data, tmp_path):
-    checkpoint = tmp_path / "ckpt"
-    subprocess.run([sys.executable, "-m", "tests.programs", "untrained-checkpoint", str(checkpoint)], check=True,
-                   cwd=ROOT, timeout=120)
-    paths = write_catalog(tmp_path / "photos", real_data.test.images[:300])
-    broken = write_broken(tmp_path / "photos" / "broken")
-    proc = cluster.submit("python", "jobs/tag.py", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos"),
-                          "--output", str(tmp_path / "tags"), "--batch-size", "32", working_dir=ROOT)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    rows = pd.read_parquet(tmp_path / "tags" / "tags.parquet")
-    assert sorted(rows["path"]) == sorted(
-        [str(p.resolve()) for p in paths] + [str((tmp_path / "photos" / "broken" / n).resolve()) for n in broken]
-    )
-    assert "predictor actors ran on 2 node(s)" in log
+def local_storage(tmp_path, data_dir, small_catalog, untrained, bucket):
+    """The default --storage-path, ~/ray_results: a folder of the driver's machine."""
+    return (["jobs/train.py", "--data-dir", str(data_dir), "--output", str(tmp_path / "out")],
+            f"--storage-path {Path.home() / 'ray_results'} is on this machine's disk only: 1 of the 2 nodes")
 
 
-def test_a_stores_catalog_trains_with_a_worker_on_each_node(cluster, small_catalog, tmp_path):
-    out = tmp_path / "catalog-run"
-    proc = cluster.submit("python", "jobs/train.py", "--train-data", str(small_catalog), "--epochs", "2",
-                          "--batch-size", "32", "--output", str(out), "--storage-path", str(tmp_path / "storage"),
-                          working_dir=ROOT)
+def local_catalog(tmp_path, data_dir, small_catalog, untrained, bucket):
+    return (["jobs/train.py", "--train-data", str(small_catalog), "--storage-path", f"{bucket}/checkpoints",
+             "--output", str(tmp_path / "out")],
+            f"--train-data {small_catalog} (its photos) is on this machine's disk only: 1 of the 2 nodes")
+
+
+def local_photos(tmp_path, data_dir, small_catalog, untrained, bucket):
+    return (["jobs/tag.py", "--checkpoint", str(untrained), "--input", str(small_catalog), "--output",
+             str(tmp_path / "out")],
+            f"--input {small_catalog} (its photos) is on this machine's disk only: 1 of the 2 nodes")
+
+
+@pytest.mark.parametrize("case", [local_storage, local_catalog, local_photos])
+def test_local_paths_the_other_node_cannot_see_are_refused_before_any_work(cluster, data_dir, small_catalog, untrained,
+                                                                           bucket, tmp_path, case):
+    entrypoint, complaint = case(tmp_path, data_dir, small_catalog, untrained, bucket)
+    proc = cluster.submit("python", *entrypoint, working_dir=ROOT)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert proc.returncode != 0, log[-3000:]
+    errors = {line for line in log.splitlines() if ".py: error:" in line}  # `ray job submit` shows the log twice
+    assert len(errors) == 1 and complaint in errors.pop(), log[-3000:]
+    assert "Traceback" not in log and "epoch 1/" not in log and "tagging " not in log
+    assert not (tmp_path / "out").exists()
+
+
+def test_tagging_photos_in_a_bucket_with_a_checkpoint_in_the_bucket(cluster, s3, bucket, untrained, real_data, tmp_path):
+    write_catalog(tmp_path / "photos", real_data.test.images[:120])
+    write_broken(tmp_path / "photos" / "broken")
+    photos = s3.upload(tmp_path / "photos", f"{bucket}/photos")
+    checkpoint = s3.upload(untrained, f"{bucket}/models/untrained")
+    log = submitted(cluster, "jobs/tag.py", "--checkpoint", checkpoint, "--input", f"{photos}/",
+                    "--output", f"{bucket}/tags", "--batch-size", "16")
+    assert s3.keys(f"{bucket}/tags") == ["summary.json", "tags.parquet"]
+    rows = pd.read_parquet(io.BytesIO(s3.read(f"{bucket}/tags/tags.parquet")))
+    assert sorted(rows["path"]) == [f"{photos}/{key}" for key in s3.keys(photos)]  # every file, once
+    assert (rows["error"] != "").sum() == 3 and rows["error"].str.contains("file not found").sum() == 0
+    summary = json.loads(s3.read(f"{bucket}/tags/summary.json"))
+    assert summary["files"] == 123 and summary["tagged"] == 120 and summary["failed"] == 3
+    assert len(summary["nodes"]) == 2 and "predictor actors ran on 2 node(s)" in log
+    assert f"tags in {bucket}/tags/tags.parquet" in log
+
+
+def test_tagging_a_listing_of_uris_with_a_checkpoint_on_the_drivers_disk(cluster, s3, bucket, untrained, real_data,
+                                                                       tmp_path):
+    write_catalog(tmp_path / "photos", real_data.test.images[:60])
+    photos = s3.upload(tmp_path / "photos", f"{bucket}/listed")
+    entries = [f"{photos}/{key}" for key in s3.keys(photos)] + [f"{photos}/gone.jpg"]
+    pd.DataFrame({"path": entries}).to_csv(tmp_path / "listing.csv", index=False)
+    listing = s3.upload(tmp_path / "listing.csv", f"{bucket}/lists/listing.csv")
+    out = tmp_path / "tags"
+    log = submitted(cluster, "jobs/tag.py", "--checkpoint", str(untrained), "--input", listing, "--output", str(out),
+                    "--format", "csv", "--batch-size", "8")
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tags.csv"]  # on the driver's disk
+    rows = pd.read_csv(out / "tags.csv", keep_default_na=False)
+    assert sorted(rows["path"]) == sorted(entries)
+    assert rows.loc[rows["path"].str.endswith("gone.jpg"), "error"].tolist() == ["file not found"]
+    assert (rows["error"] == "").sum() == 60
+    assert "predictor actors ran on 2 node(s)" in log  # the model reached the second node without its disk
+
+
+def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed(cluster, s3, bucket, small_catalog, tmp_path):
+    catalog = s3.upload(small_catalog, f"{bucket}/catalog")
+    common = ["--train-data", f"{catalog}/", "--epochs", "3", "--batch-size", "16",
+              "--storage-path", f"{bucket}/checkpoints", "--run-name", "shop"]
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    first_log = tmp_path / "first.log"
+    first = start_driver([*common, "--output", str(tmp_path / "first")], first_log, env=env)
+    wait_for_checkpoint(f"{bucket}/checkpoints/shop", first, first_log)
+    kill_driver(first)
+    assert not (tmp_path / "first").exists()
+
+    second_log = tmp_path / "second.log"
+    second = start_driver([*common, "--output", str(tmp_path / "second")], second_log, env=env)
+    out = finish(second, second_log)
+    assert second.returncode == 0, out[-3000:]
+    assert "run shop has a checkpoint after epoch" in out
+    metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert metrics["history"][-1]["resumed_from_epoch"] >= 1 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)  # a shard on each node
-    assert metrics["count"] == 16 and len(pd.read_parquet(out / "predictions.parquet")) == 16
+    assert metrics["classes"] == ["bags", "dresses", "sneakers", "trousers"]
+    assert metrics["count"] == 16 and metrics["skipped_files"] == []
+    assert all(p.startswith(f"{catalog}/") for p in pd.read_parquet(tmp_path / "second" / "predictions.parquet")["path"])
