@@ -15,6 +15,7 @@ import hashlib
 import io
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -104,7 +105,7 @@ class Catalog:
     classes: list[str]
     seed: int
 
-    @property
+    @cached_property
     def identity(self) -> str:
         """The listing's fingerprint (files, labels, the sizes it gives): a resumed run is checked against it
         before any photo is read."""

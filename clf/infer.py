@@ -2,8 +2,9 @@
 
 `Predictor` is a callable class for Ray Data's `map_batches`: each actor of the pool builds the model once,
 from the checkpoint's files that the driver read and put in Ray's object store (on a cluster whose nodes
-share no disk, a path would name a folder on the driver's disk only), and then maps batches of rows. Every column but `image` passes through untouched, so the row's id
-and label travel with its prediction whatever order Ray Data delivers the rows in.
+share no disk, a path would name a folder on the driver's disk only), and then maps batches of rows. Every
+column but `image` passes through untouched, so the row's id and label travel with its prediction whatever
+order Ray Data delivers the rows in.
 """
 
 from __future__ import annotations

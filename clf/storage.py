@@ -140,12 +140,13 @@ MARKER_PREFIX = ".clf-check-"
 
 
 def write_marker(location: str, flag: str) -> str:
-    """Create the folder `location` names if need be and write a small marker file in it; the marker's
-    location. ConfigError, naming the flag, when it cannot be written (a read-only path, a bucket that does
-    not exist, credentials refused)."""
+    """Write a small marker file in the folder `location` names (created on a local disk if need be; object
+    storage has no folders to create); the marker's location. ConfigError, naming the flag, when it cannot be
+    written (a read-only path, a bucket that does not exist, credentials refused)."""
     try:
         place = Place.of(location)
-        place.fs.create_dir(place.path, recursive=True)
+        if place.local:
+            place.fs.create_dir(place.path, recursive=True)
         marker = posixpath.join(place.path, MARKER_PREFIX + secrets.token_hex(4))
         with place.fs.open_output_stream(marker) as f:
             f.write(b"written by clf to check that this location can be written; safe to delete\n")
@@ -180,7 +181,8 @@ def staged_output(output: str, last: str) -> Iterator[Path]:
     if place.local:
         staging = _local_staging(Path(place.path))
     else:
-        check_writable(output, "--output")
+        write_marker(output, "--output")
+        _clear(place)
         staging = Path(tempfile.mkdtemp(prefix="clf-output-"))
     try:
         yield staging
@@ -220,20 +222,27 @@ def _local_staging(output: Path) -> Path:
     return staging
 
 
+def _clear(place: Place) -> None:
+    """Remove everything under a new output's prefix (it held nothing before this run), folder markers
+    included: pyarrow's S3 client leaves one when it deletes a folder's last file, and the prefix would then
+    look like an existing output."""
+    try:
+        place.fs.delete_dir(place.path)
+    except FileNotFoundError:
+        pass
+
+
 def _upload(staging: Path, place: Place, last: str) -> None:
     files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
     local = pafs.LocalFileSystem()
-    done = []
     try:
         for file in files:
             target = posixpath.join(place.path, file.relative_to(staging).as_posix())
             pafs.copy_files(str(file), target, source_filesystem=local, destination_filesystem=place.fs)
-            done.append(target)
     except OSError as e:
-        for target in done:  # what was uploaded would look like part of a run
-            try:
-                place.fs.delete_file(target)
-            except OSError:
-                pass
+        try:
+            _clear(place)  # what was uploaded would look like part of a run
+        except OSError:
+            pass
         raise ClfError(f"--output {place.location()}: uploading {file.name} failed ({first_line(e)}); "
                        f"no {last} was written there, so nothing there is a complete output") from None

@@ -118,7 +118,7 @@ def test_an_embedded_ray_ignores_a_launcher_file_left_on_the_machine(ray_local, 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
     launcher = tmp_path / "ray_bootstrap_config.yaml"
-    launcher.write_text(yaml.safe_dump(config))
+    launcher.write_text(yaml.safe_dump(config, sort_keys=False))
     monkeypatch.setattr(runtime, "LAUNCHER_CONFIG", launcher)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert runtime.cluster_nodes().groups is None  # this process's own Ray: nothing will grow it

@@ -4,6 +4,7 @@ folder of catalog-like photos rendered from real Fashion-MNIST test images, with
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     proc = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(folder / "photos"),
                    "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["tags.parquet"]  # one file, written by the driver
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tags.parquet"]  # written by the driver
     rows = pd.read_parquet(out / "tags.parquet")
     assert list(rows.columns) == COLUMNS
 
@@ -213,6 +214,10 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     assert f"needs review (confidence below 0.60): {int(rows['needs_review'].sum())}" in proc.stdout
     assert f"failed: {len(broken)} (" in proc.stdout
     assert re.search(r"files/s\)", proc.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files"] == PHOTOS + len(broken) and summary["failed"] == len(broken)
+    assert summary["tags"] == rows.loc[rows["error"] == "", "tag"].value_counts().to_dict()
+    assert sum(summary["failed_by_reason"].values()) == len(broken) and summary["config"]["input"] == str(folder / "photos")
 
 
 @pytest.mark.slow
