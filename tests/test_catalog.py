@@ -21,7 +21,7 @@ from clf.runtime import TrainPlan
 from clf.trainer import fit
 from tests.catalog import STORE_CLASSES, write_broken_into_classes, write_labelled_catalog
 from tests.helpers import ROOT
-from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint, worker_killed_after_first_checkpoint
+from tests.faults import worker_killed_after_first_checkpoint
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 TAG = str(ROOT / "jobs" / "tag.py")
@@ -331,33 +331,3 @@ def test_a_killed_worker_resumes_on_the_catalog_path(prepared, tmp_path):
     assert killed
     assert [h["epoch"] for h in fitted.history] == [1, 2, 3, 4]
     assert fitted.history[-1]["resumed_from_epoch"] >= 1
-
-
-@pytest.mark.slow
-def test_a_killed_driver_resumes_by_name_and_a_changed_catalog_is_refused(shop, tmp_path):
-    root, _, _ = shop
-    photos = shutil.copytree(root / "catalog", tmp_path / "catalog")
-    storage = tmp_path / "storage"
-    common = ["--train-data", str(photos), "--epochs", "4", "--batch-size", "32", "--storage-path", str(storage),
-              "--run-name", "shop"]
-    first_log = tmp_path / "first.log"
-    first = start_driver([*common, "--output", str(tmp_path / "first")], first_log)
-    wait_for_checkpoint(storage / "shop", first, first_log)
-    kill_driver(first)
-
-    second_log = tmp_path / "second.log"
-    second = start_driver([*common, "--output", str(tmp_path / "second")], second_log)
-    out = finish(second, second_log)
-    assert second.returncode == 0, out[-3000:]
-    assert "run shop has a checkpoint after epoch" in out
-    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["history"][-1]["resumed_from_epoch"] >= 1
-
-    # Every photo emptied: the listing's sizes changed, and the run is refused on them before any photo is
-    # read (read first, the same run would fail on "... of the ... photos cannot be read").
-    for photo in photos.rglob("*.*"):
-        photo.write_bytes(b"")
-    third = train_cli(*common, "--output", str(tmp_path / "third"))
-    assert third.returncode == 2
-    assert "run 'shop'" in third.stderr and "was started on other data" in third.stderr
-    assert "cannot be read" not in third.stderr and "skipped" not in third.stdout
-    assert "Traceback" not in third.stderr and not (tmp_path / "third").exists()

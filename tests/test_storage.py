@@ -4,7 +4,6 @@ and locations that cannot be written."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from clf import catalog, checkpoint, storage
 from clf.errors import ClfError, ConfigError
 from clf.tagging import photos
 from clf.tagging.pipeline import list_inputs
-from tests.catalog import write_broken, write_catalog
+from tests.catalog import write_catalog
 from tests.helpers import ROOT
 from tests.s3 import FlakyProxy, client_env
 

@@ -202,7 +202,7 @@ def test_tagging_a_listing_of_uris_with_a_checkpoint_on_the_drivers_disk(cluster
     assert "predictor actors ran on 2 node(s)" in log  # the model reached the second node without its disk
 
 
-def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed(cluster, s3, bucket, small_catalog, tmp_path):
+def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed_and_refuses_changed_photos(cluster, s3, bucket, small_catalog, tmp_path):
     catalog = s3.upload(small_catalog, f"{bucket}/catalog")
     common = ["--train-data", f"{catalog}/", "--epochs", "3", "--batch-size", "16",
               "--storage-path", f"{bucket}/checkpoints", "--run-name", "shop"]
@@ -224,3 +224,16 @@ def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed(cluste
     assert metrics["classes"] == ["bags", "dresses", "sneakers", "trousers"]
     assert metrics["count"] == 16 and metrics["skipped_files"] == []
     assert all(p.startswith(f"{catalog}/") for p in pd.read_parquet(tmp_path / "second" / "predictions.parquet")["path"])
+
+    # Every photo emptied: the bucket's listing gives other sizes, and the run is refused on them before any
+    # photo is read (read first, the same run would fail on "... of the ... photos cannot be read").
+    fs = s3.filesystem()
+    for key in s3.keys(catalog):
+        with fs.open_output_stream(f"{catalog.removeprefix('s3://')}/{key}") as f:
+            f.write(b"")
+    third = subprocess.run([sys.executable, TRAIN, *common, "--output", str(tmp_path / "third")], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert third.returncode == 2, third.stderr[-3000:]
+    assert "run 'shop'" in third.stderr and "was started on other data" in third.stderr
+    assert "cannot be read" not in third.stderr and "skipped" not in third.stdout
+    assert "Traceback" not in third.stderr and not (tmp_path / "third").exists()
