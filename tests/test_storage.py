@@ -89,20 +89,22 @@ def test_a_checkpoint_in_a_bucket_is_read_like_a_local_one(s3, tmp_path):
 def test_remote_reads_that_fail_for_a_moment_are_tried_again(s3, shop_in_a_bucket, monkeypatch):
     _, bucket = shop_in_a_bucket
     keys = s3.keys(f"{bucket}/catalog")
-    # The first photo fails 4 times (more than pyarrow's own 3 tries of a request), the second always.
-    proxy = FlakyProxy(s3.port, {keys[0]: 4, keys[1]: None})
+    # pyarrow's S3 client retries each request itself (31 times over about 10 s for a 503, measured): the
+    # first photo fails for longer than one read survives, the second always.
+    proxy = FlakyProxy(s3.port, {keys[0]: 35, keys[1]: None})
     try:
         monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
-        monkeypatch.setattr(storage, "READ_ATTEMPTS", 2)  # each of ours is 3 of pyarrow's, with its own backoff
+        monkeypatch.setattr(storage, "READ_ATTEMPTS", 2)
         for name, value in client_env(proxy.endpoint).items():
             monkeypatch.setenv(name, value)
         batch = photos.read_photos({"path": np.array([f"{bucket}/catalog/{k}" for k in keys[:3]])})
     finally:
         proxy.stop()
-    assert proxy.failed[keys[0]] == 4 and proxy.failed[keys[1]] > 4
+    per_read = proxy.failed[keys[1]] // 2  # what one of our tries took before it gave up
+    assert proxy.failed[keys[0]] == 35 > per_read
     assert batch["error"][0] == "" and batch["error"][2] == ""  # read once the outage passed
     assert batch["error"][1].startswith("could not read or decode (OSError:")  # unreadable, with its reason
-    assert batch["size"][1] == -1
+    assert "503" in batch["error"][1] and batch["size"][1] == -1
 
 
 def test_outputs_in_a_bucket_are_uploaded_with_the_summary_last(s3, monkeypatch):
