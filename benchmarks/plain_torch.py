@@ -27,7 +27,7 @@ from clf.train import Learner, array_batches, make_learner, new_model, train_epo
 def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split) -> tuple[Learner, list[dict]]:
     """The worker's loop as rank 0 of 1 (the Ray path's batches, in its order): the learner and the history."""
     learner = make_learner(cfg, model, len(split.labels))
-    history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, 0, 1), cfg)
+    history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, len(split.labels)), cfg)
     return learner, history
 
 

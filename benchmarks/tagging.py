@@ -42,7 +42,7 @@ def with_ray(checkpoint_dir: str, split: data.Split, cfg: TrainConfig) -> dict:
     from clf.infer import predict
 
     runtime.connect()
-    plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # the actors the job would use
+    plan = runtime.plan_inference(cfg, runtime.cluster_nodes(), len(split.labels))  # the actors the job would use
     started = time.perf_counter()
     tagged = predict(data.to_ray_dataset(split), checkpoint.read(checkpoint_dir), plan, cfg.infer_batch_size)
     count, first = 0, None

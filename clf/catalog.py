@@ -4,7 +4,7 @@
 A catalog is a folder with one sub-folder per class (torchvision's ImageFolder layout) or a .parquet / .csv
 listing with `path` and `label` columns. Classes are the sorted names found. The held-out split is decided
 from the sorted paths and the seed alone, so the same files give the same split in either layout and any
-order. The one pass over the files (Ray Data tasks, `clf.tagging.photos.read_photos`, the conversion tagging
+order. The one pass over the files (Ray Data tasks, `clf.photos.read_photos`, the conversion tagging
 uses) keeps the 28x28 results in Ray's object store, spread over the nodes: the driver holds paths and
 labels, never images. Files that cannot be read are skipped, counted and listed with their reason.
 """
@@ -24,10 +24,10 @@ import ray.data
 
 from clf import runtime, storage
 from clf.config import TrainConfig
-from clf.data import TrainingData
+from clf.data import TrainingData, in_order
 from clf.errors import DataError, first_line
 from clf.report import reasons
-from clf.tagging import photos
+from clf import photos
 
 # Photos per Ray Data block: a task reads and converts this many.
 PHOTOS_PER_BLOCK = 256
@@ -129,9 +129,10 @@ class Catalog:
         # Rows in a seeded random order: the listing is sorted by class, and the workers' shuffle is local
         # (a window of a few batches), so blocks in listing order would make batches of one class each.
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
-        blocks = max(1, -(-len(frame) // PHOTOS_PER_BLOCK))
-        read = ray.data.from_pandas(frame[["id", "path", "label"]]).repartition(blocks).map_batches(
-            photos.read_photos, batch_size=PHOTOS_PER_BLOCK, batch_format="numpy").materialize()
+        rows = frame[["id", "path", "label"]]
+        blocks = [rows.iloc[i:i + PHOTOS_PER_BLOCK] for i in range(0, len(rows), PHOTOS_PER_BLOCK)]
+        read = in_order(runtime.whole_cluster(ray.data.from_pandas(blocks).map_batches(
+            photos.read_photos, batch_size=None, batch_format="numpy"))).materialize()
         outcome = read.select_columns(["id", "error", "size"]).to_pandas().set_index("id")
         frame["error"], frame["size"] = frame["id"].map(outcome["error"]), frame["id"].map(outcome["size"])
         skipped = self._check_readable(frame)
@@ -179,7 +180,8 @@ def _only(dataset: ray.data.Dataset, ids: np.ndarray) -> ray.data.Dataset:
         mask = np.isin(batch["id"], wanted, assume_unique=True)
         return {name: batch[name][mask] for name in ("id", "path", "label", "image")}
 
-    return dataset.map_batches(keep, batch_format="numpy").materialize()
+    return in_order(dataset.map_batches(keep, batch_format="numpy")).materialize()
+
 
 
 def open_catalog(cfg: TrainConfig) -> Catalog:

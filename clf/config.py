@@ -119,9 +119,10 @@ class TrainConfig:
     max_failures: int = setting(2, help="worker failures (a killed process, a lost node) recovered from by "
                                         "restarting from the latest checkpoint", check=at_least(0))
     infer_batch_size: int = setting(1024, help="images per batch of the Ray Data inference job", check=at_least(1))
-    num_infer_actors: int | None = setting(None, help="inference actors, each holding one copy of the model. "
-                                                      "Default: one single-threaded actor per CPU of the cluster, "
-                                                      "or one per GPU with --use-gpu", check=at_least(1))
+    num_infer_actors: int | None = setting(None, help="inference actors, each holding one copy of the model. Default: "
+                                                      "one single-threaded actor per CPU of the cluster (one per GPU "
+                                                      "with --use-gpu) or one per batch, whichever is fewer",
+                                            check=at_least(1))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -151,9 +152,9 @@ class TagConfig:
                          check=a_path)
     output: str = setting(help="new folder for the tags file, tags.parquet (or tags.csv); an existing one is refused",
                           check=a_path)
-    num_actors: int | None = setting(None, help="predictor actors. Default: one per CPU but one, which is left to "
-                                                "the tasks that read and decode the photos; one per GPU with "
-                                                "--use-gpu", check=at_least(1))
+    num_actors: int | None = setting(None, help="predictor actors; on CPUs each also reads and decodes its photos. "
+                                                "Default: one per CPU of the cluster (one per GPU with --use-gpu) or "
+                                                "one per --batch-size photos, whichever is fewer", check=at_least(1))
     batch_size: int = setting(256, help="photos per batch, for decoding and for the model", check=at_least(1))
     use_gpu: bool = setting(False, help="one GPU per predictor actor")
     review_threshold: float = setting(0.6, help="rows whose confidence (the top class's probability) is below this "

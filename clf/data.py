@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from clf.errors import DataError
+from clf.photos import IMAGE_SIZE
 
 CLASSES = (
     "T-shirt/top",
@@ -34,7 +35,6 @@ CLASSES = (
     "Bag",
     "Ankle boot",
 )
-IMAGE_SIZE = 28
 
 # Mean and standard deviation of the training images' pixels, after scaling to [0, 1].
 PIXEL_MEAN = 0.2860
@@ -67,7 +67,7 @@ class TrainingData:
     classes: list[str]
     source: str  # where it was read from, for people
     identity: str  # what a resumed run must find again: a name, or a digest of the files
-    train: Split | Any  # in-memory arrays, or a Ray Dataset of rows (id, label, image, path)
+    train: Any  # a Ray Dataset of decoded rows (id, label, image, ...) in a fixed order
     num_train: int
     eval_rows: pd.DataFrame  # id, label (and path): every row the evaluation must give back
     eval_dataset: Callable[[], Any]  # a Ray Dataset of the evaluation rows, with their images
@@ -86,7 +86,7 @@ class FashionMNIST:
 
     def prepare(self) -> TrainingData:
         return TrainingData(
-            classes=list(CLASSES), source=self.source, identity=self.identity, train=self.train,
+            classes=list(CLASSES), source=self.source, identity=self.identity, train=to_ray_dataset(self.train),
             num_train=len(self.train.labels),
             eval_rows=pd.DataFrame({"id": np.arange(len(self.test.labels)), "label": self.test.labels}),
             eval_dataset=lambda: to_ray_dataset(self.test), images_of=lambda ids: self.test.images[ids],
@@ -236,3 +236,10 @@ def to_ray_dataset(split: Split, rows_per_block: int = 2500):
     # which on a cluster just started (or just done training) means starting worker processes first: about
     # 1.5 s before evaluation begins, on the 2-core VM. The tables are here; their metadata is read here.
     return ray.data.from_blocks(tables)
+
+
+def in_order(dataset):
+    """`dataset`, executed keeping its blocks in order (Ray Data's `preserve_order`): rows come out in the
+    order given, not in the order the tasks happened to finish (a catalog's read pass, the rows of tags)."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset

@@ -111,7 +111,8 @@ def run(cfg: TrainConfig) -> RunResult:
         if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
             print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
         with clock.phase("inference_s"):
-            infer_plan = runtime.plan_inference(cfg, runtime.cluster_nodes())  # after training: a node may be gone
+            # After training, from the cluster as it is then: a node may be gone.
+            infer_plan = runtime.plan_inference(cfg, runtime.cluster_nodes(), len(training.eval_rows))
             model = ckpt.read(fitted.checkpoint.path, fitted.checkpoint.filesystem)  # wherever Ray Train keeps it
             rows = infer.evaluate(model, training, infer_plan, cfg.infer_batch_size)
         scores = metrics.compute(rows["label"], rows["prediction"], len(training.classes))

@@ -1,9 +1,10 @@
 """The training step and the epoch loop, in plain PyTorch: the Ray Train worker (`clf.trainer`) and the
 plain baseline of the benchmarks run these same functions.
 
-Data: each rank holds the uint8 training arrays and takes its shard each epoch the way torch's
-DistributedSampler does: one seeded permutation shared by all ranks, rank r taking every world_size-th
-index. Same seed and worker count, same batches.
+Data: each rank holds its shard of the training set as uint8 arrays, in id order (Ray Train's equal split of
+the training Dataset, `clf.trainer.take_shard`; the whole set in the plain baseline), and each epoch cuts a
+seeded permutation of it into as many batches as the global batch size gives steps. Same data, seed and
+worker count, same batches.
 """
 
 from __future__ import annotations
@@ -23,30 +24,19 @@ from clf.data import preprocess
 from clf.model import FashionCNN
 
 
-def shard_order(num_images: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's image indices for one epoch. Every rank gets the same count (a DDP step needs all)."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_images)
-    per_rank = num_images // world_size
-    return order[rank::world_size][:per_rank]
-
-
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     """Optimizer steps per epoch: set by the global batch size alone, so the schedule does not change
     when an elastic run continues with fewer workers."""
     return -(-num_images // batch_size)
 
 
-def epoch_batches(num_images: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int):
-    """This rank's batches of image indices for one epoch: its shard cut into `steps_per_epoch` nearly
-    equal parts (about batch_size / world_size images each), sorted for faster gathering."""
-    shard = shard_order(num_images, epoch, seed, rank, world_size)
-    return [np.sort(part) for part in np.array_split(shard, steps_per_epoch(num_images, batch_size))]
-
-
-def rank_batch_size(num_images: int, world_size: int, batch_size: int) -> int:
-    """Images per batch of one rank when its shard (num_images // world_size images, as an equal split gives
-    it) is cut into at most `steps_per_epoch` batches: what a streamed shard is cut into."""
-    return -(-(num_images // world_size) // steps_per_epoch(num_images, batch_size))
+def epoch_batches(num_images: int, epoch: int, seed: int, steps: int) -> list[np.ndarray]:
+    """Batches of indices into a rank's `num_images` images for one epoch: a permutation seeded by (seed,
+    epoch) cut into `steps` nearly equal parts, each sorted for faster gathering. Every rank takes `steps`
+    (the global schedule's steps per epoch, whatever the number of workers), so with equal shards each batch
+    is about batch_size / world_size images, and a DDP step finds every rank."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    return [np.sort(part) for part in np.array_split(order, steps)]
 
 
 @dataclass
@@ -115,10 +105,11 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 <
 Batch = tuple[np.ndarray, np.ndarray]
 
 
-def array_batches(images: np.ndarray, labels: np.ndarray, epoch: int, cfg: TrainConfig, rank: int,
-                  world_size: int) -> Iterator[Batch]:
-    """This rank's batches of in-memory arrays for one epoch (see `epoch_batches`)."""
-    for index in epoch_batches(len(labels), epoch, cfg.seed, rank, world_size, cfg.batch_size):
+def array_batches(images: np.ndarray, labels: np.ndarray, epoch: int, cfg: TrainConfig,
+                  num_train: int) -> Iterator[Batch]:
+    """This rank's batches of its arrays for one epoch (see `epoch_batches`); `num_train`: the training
+    images of all ranks, which set the steps per epoch."""
+    for index in epoch_batches(len(labels), epoch, cfg.seed, steps_per_epoch(num_train, cfg.batch_size)):
         yield images[index], labels[index]
 
 

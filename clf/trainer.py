@@ -1,8 +1,11 @@
 """fit(): the TorchTrainer around `clf.train`'s loop, the guard that resumes a run only with its own
 settings, and the history of every epoch.
 
-Data: the driver puts the uint8 training arrays (47 MB) in Ray's object store once; each worker maps them
-zero-copy from its node's store (one transfer per node). Each epoch every rank calls `ray.train.report`
+Data: one way, whatever the source. The training set is a Ray Dataset of decoded rows (id, label, 28x28
+image) in a fixed order; Ray Train splits it equally between the ranks (`get_dataset_shard`), in order
+(Ray Data's `preserve_order`, which also makes its split deterministic), and each rank takes its shard
+into memory once (`take_shard`: 784 bytes an image) and batches it every epoch from there. Same data,
+seed and worker count: the same shards, the same batches, the same metrics. Each epoch every rank calls `ray.train.report`
 (a barrier) and rank 0 attaches a checkpoint whose train state holds the history of every epoch so far:
 Ray Train keeps only the latest checkpoints (and their metrics), the history is whole in each one.
 """
@@ -14,21 +17,23 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clf import checkpoint as ckpt
 from clf import runtime, storage
 from clf.config import TrainConfig
-from clf.data import Split, TrainingData
+from clf.data import TrainingData
 from clf.errors import ClfError, ConfigError
 from clf.runtime import TrainPlan
-from clf.train import Learner, array_batches, make_learner, new_model, rank_batch_size, train_epochs
+from clf.train import Learner, array_batches, make_learner, new_model, train_epochs
 
 # The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
 RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
@@ -50,7 +55,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
-    batches_of_epoch = _batches(loop_config, cfg, rank, world_size)
+    images, labels = take_shard(ray.train.get_dataset_shard("train"))
 
     model, state = new_model(cfg, len(classes)), None
     resume_from = ray.train.get_checkpoint()
@@ -72,32 +77,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append(record)
         _report(record, learner, history, rank, cfg, classes, loop_config["identity"])
 
-    train_epochs(learner, batches_of_epoch, cfg, start_epoch=start_epoch, rank=rank, device=device,
-                 reduce=_all_reduce, after_epoch=report)
+    train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, num_train), cfg,
+                 start_epoch=start_epoch, rank=rank, device=device, reduce=_all_reduce, after_epoch=report)
 
 
-def _batches(loop_config: dict, cfg: TrainConfig, rank: int, world_size: int):
-    """This rank's batches for an epoch: cut from the in-memory arrays the driver put in the object store, or
-    streamed from its shard of the Ray Dataset (Ray Train splits it equally between the ranks)."""
-    if "arrays" in loop_config:
-        images, labels = (ray.get(ref) for ref in loop_config["arrays"])
-        return lambda epoch: array_batches(images, labels, epoch, cfg, rank, world_size)
-    shard = ray.train.get_dataset_shard("train")
-
-    def stream(epoch: int):
-        for batch in shard_batches(shard, loop_config["num_train"], epoch, cfg, rank, world_size):
-            yield batch["image"], batch["label"]
-
-    return stream
-
-
-def shard_batches(shard, num_train: int, epoch: int, cfg: TrainConfig, rank: int, world_size: int):
-    """One epoch of a rank's shard of the training Dataset, as numpy batches (id, label, image, path): at most
-    `steps_per_epoch` of them, so every rank takes the same optimizer steps as the schedule counts. Shuffled
-    within a window of a few batches, seeded per epoch and rank."""
-    size = rank_batch_size(num_train, world_size, cfg.batch_size)
-    return shard.iter_batches(batch_size=size, batch_format="numpy", local_shuffle_buffer_size=4 * size,
-                              local_shuffle_seed=(cfg.seed * 1009 + epoch) * 101 + rank)
+def take_shard(shard) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows of the training Dataset, in id order: (images (N, 28, 28) uint8, labels (N,) int64).
+    Read once: the epochs batch them from memory (a streamed shard would cost Ray Data's per-batch work in
+    every step), and the id order makes the batches independent of how the blocks arrived."""
+    ids, images, labels = [], [], []
+    for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        ids.append(block["id"])
+        images.append(block["image"])
+        labels.append(block["label"])
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    return np.concatenate(images)[order], np.concatenate(labels)[order].astype(np.int64)
 
 
 def _node_of_each_rank() -> list[str]:
@@ -242,6 +236,15 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     return Fitted(result.checkpoint, history)
 
 
+def in_order_ingest() -> ExecutionOptions:
+    """Ray Train's ingest options, with the rows kept in the Dataset's order: its equal split then deals
+    the same rows to the same ranks every run (Ray Data 2.60 drops the locality hints that would make it
+    depend on timing). The cost is locality: a shard's blocks may come from another node, once per run."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str) -> TorchTrainer:
     loop_config = {
         "config": dataclasses.asdict(cfg),
@@ -250,16 +253,11 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str
         "num_train": data.num_train,
         "identity": {"listing": listing, "photos": data.identity},
     }
-    datasets = None
-    if isinstance(data.train, Split):
-        # Put once by the driver; workers read them from the object store instead of the disk.
-        loop_config["arrays"] = (ray.put(data.train.images), ray.put(data.train.labels))
-    else:
-        datasets = {"train": data.train}  # Ray Train gives each rank an equal shard
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        datasets=datasets,
+        datasets={"train": data.train},  # Ray Train gives each rank an equal shard
+        dataset_config=DataConfig(execution_options=in_order_ingest()),
         scaling_config=ScalingConfig(
             # Elastic: start with what can be placed, down to min_workers; after a lost node, wait for a
             # replacement only as long as RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), then go on with

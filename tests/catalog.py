@@ -15,12 +15,14 @@ from PIL import Image
 FORMATS = ("jpg", "png", "webp", "png-rgba", "png-gray")
 
 
-def render(image: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, str]:
-    """A photo of the (28, 28) light-on-dark `image`, and the file kind to save it as."""
-    scale = int(rng.integers(6, 14))  # 168-364 px across the item
+def render(image: np.ndarray, rng: np.random.Generator, scales: tuple[int, int] = (6, 14),
+           kinds: tuple[str, ...] = FORMATS) -> tuple[Image.Image, str]:
+    """A photo of the (28, 28) light-on-dark `image`, and the file kind to save it as: the item `scales` times
+    larger (168-364 px by default), in one of `kinds`."""
+    scale = int(rng.integers(*scales))
     side = 28 * scale
     ink = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    kind = FORMATS[int(rng.integers(len(FORMATS)))]
+    kind = kinds[int(rng.integers(len(kinds)))]
     tint = rng.uniform(232, 252, size=3) if kind != "png-rgba" else np.full(3, 255.0)
     item_colour = rng.uniform(0, 40, size=3)  # near black, a little coloured
     rgb = tint * (1 - ink[..., None]) + item_colour * ink[..., None]
@@ -50,11 +52,12 @@ def save(photo: Image.Image, kind: str, stem: Path) -> Path:
     return path
 
 
-def write_catalog(folder: Path, images: np.ndarray, seed: int = 0) -> list[Path]:
-    """One photo per image, named by its index (photo-00042.jpg); returns the paths in image order."""
+def write_catalog(folder: Path, images: np.ndarray, seed: int = 0, **style) -> list[Path]:
+    """One photo per image, named by its index (photo-00042.jpg); returns the paths in image order. `style`:
+    `render`'s scales and kinds."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    return [save(*render(image, rng), folder / f"photo-{i:05d}") for i, image in enumerate(images)]
+    return [save(*render(image, rng, **style), folder / f"photo-{i:05d}") for i, image in enumerate(images)]
 
 
 def write_broken(folder: Path) -> dict[str, str]:
@@ -70,18 +73,22 @@ def write_broken(folder: Path) -> dict[str, str]:
     return {"empty.jpg": "empty", "notes.png": "not an image", "truncated.jpg": "truncated"}
 
 
+# A store's photos as the catalog benchmarks have them: about 1000 px across (the item 26-27 times its 28 px,
+# margins around it), JPEG.
+LARGE = {"scales": (26, 28), "kinds": ("jpg",)}
+
 # A store's own classes for the catalog tests: four well-separated Fashion-MNIST classes, under its names.
 STORE_CLASSES = {"bags": 8, "dresses": 3, "sneakers": 7, "trousers": 1}
 
 
 def write_labelled_catalog(folder: Path, images: np.ndarray, labels: np.ndarray, per_class: int, seed: int = 0,
-                           skip: int = 0) -> dict[str, list[Path]]:
+                           skip: int = 0, **style) -> dict[str, list[Path]]:
     """PATH/<class>/<photos>: `per_class` photos of each of STORE_CLASSES, rendered from the first images of
     that Fashion-MNIST class after the first `skip` of them; returns the paths by class."""
     written = {}
     for name, label in STORE_CLASSES.items():
         chosen = images[labels == label][skip : skip + per_class]
-        written[name] = write_catalog(folder / name, chosen, seed=seed + label)
+        written[name] = write_catalog(folder / name, chosen, seed=seed + label, **style)
     return written
 
 

@@ -66,7 +66,7 @@ def test_a_folder_and_a_listing_list_the_same_photos(tmp_path):
 def test_uris_are_listed_and_read_like_paths(tmp_path, real_data):
     # file:// stands in for the URIs pyarrow reads (s3://, gs://): the same code lists and reads them.
     from tests.catalog import write_catalog
-    from clf.tagging import photos
+    from clf import photos
 
     write_catalog(tmp_path / "shop" / "bags", real_data.test.images[:2])
     write_catalog(tmp_path / "shop" / "shoes", real_data.test.images[2:4])
@@ -252,47 +252,65 @@ def prepared(ray_local, shop):
 
 
 def record_ids_seen(loop_config: dict) -> None:
-    """A training loop that records the ids of the rows each rank's batches hold, each epoch."""
+    """A training loop that records the ids of the rows each rank takes, twice (as a restarted worker group
+    would take them again)."""
     import ray.train
 
-    from clf.trainer import shard_batches
+    from clf.trainer import take_shard
 
-    cfg = TrainConfig(**loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(2):
-        batches = list(shard_batches(shard, loop_config["num_train"], epoch, cfg, rank, world))
-        ids = np.concatenate([b["id"] for b in batches])
-        np.save(Path(loop_config["out"]) / f"epoch{epoch}-rank{rank}.npy", ids)
-        (Path(loop_config["out"]) / f"epoch{epoch}-rank{rank}.steps").write_text(str(len(batches)))
+    for attempt in range(2):
+        ids = []
+        for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
+            ids.append(block["id"])
+        np.save(Path(loop_config["out"]) / f"take{attempt}-rank{rank}.npy", np.concatenate(ids))
+    images, labels = take_shard(shard)
+    np.save(Path(loop_config["out"]) / f"labels-rank{rank}.npy", labels)
 
 
 @pytest.mark.slow
-def test_two_workers_see_disjoint_shards_that_cover_the_training_split(prepared, tmp_path):
+def test_two_workers_are_dealt_disjoint_equal_shards_the_same_way_every_time(prepared, tmp_path):
     import ray.cloudpickle
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from clf.train import steps_per_epoch
+    from clf.trainer import in_order_ingest
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
-    cfg = TrainConfig(batch_size=64)
-    TorchTrainer(
-        record_ids_seen, datasets={"train": prepared.train},
-        train_loop_config={"config": {"batch_size": 64}, "num_train": prepared.num_train, "out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "storage")),
-    ).fit()
     train_ids = set(prepared.train.select_columns(["id"]).to_pandas()["id"])
-    for epoch in range(2):
-        seen = [np.load(tmp_path / f"epoch{epoch}-rank{rank}.npy") for rank in range(2)]
+    runs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        out.mkdir()
+        TorchTrainer(
+            record_ids_seen, datasets={"train": prepared.train}, train_loop_config={"out": str(out)},
+            dataset_config=DataConfig(execution_options=in_order_ingest()),
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"shards{run}", storage_path=str(tmp_path / "storage")),
+        ).fit()
+        seen = [np.load(out / f"take0-rank{rank}.npy") for rank in range(2)]
         assert len(seen[0]) == len(seen[1]) == prepared.num_train // 2  # equal: a DDP step needs every rank
-        assert not set(seen[0]) & set(seen[1])
-        assert set(seen[0]) | set(seen[1]) <= train_ids
+        assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) <= train_ids
         assert len(train_ids - set(seen[0]) - set(seen[1])) <= 1  # world size - 1 rows may be dropped
-        steps = {int((tmp_path / f"epoch{epoch}-rank{rank}.steps").read_text()) for rank in range(2)}
-        assert len(steps) == 1 and steps.pop() <= steps_per_epoch(prepared.num_train, cfg.batch_size)
+        for rank in range(2):  # taken again, the same rows in the same order
+            np.testing.assert_array_equal(np.load(out / f"take1-rank{rank}.npy"), seen[rank])
+        runs.append(seen)
+    for rank in range(2):  # another run: the same rows to the same rank, in the same order
+        np.testing.assert_array_equal(runs[0][rank], runs[1][rank])
+
+
+@pytest.mark.slow
+def test_a_catalog_of_several_blocks_read_twice_trains_the_same_twice(ray_local, shop, tmp_path):
+    # 604 files: 3 blocks of the read pass, which finish in whatever order their tasks do.
+    root, _, _ = shop
+    histories = []
+    for run in range(2):
+        prepared = catalog.open_catalog(TrainConfig(train_data=str(root / "catalog"))).prepare()
+        cfg = TrainConfig(epochs=1, batch_size=32, storage_path=str(tmp_path), run_name=f"again{run}")
+        histories.append(fit(cfg, TrainPlan(2, 2, 1, False), prepared).history)
+    assert prepared.num_train > 2 * catalog.PHOTOS_PER_BLOCK
+    assert [(h["loss"], h["accuracy"]) for h in histories[0]] == [(h["loss"], h["accuracy"]) for h in histories[1]]
 
 
 @pytest.mark.slow

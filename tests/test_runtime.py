@@ -135,32 +135,38 @@ def test_ray_trains_default_storage_is_the_one_checked():
     assert runtime.storage_uri(None) == DEFAULT_STORAGE_PATH
 
 
-def test_inference_plan_after_training():
-    assert plan_inference(TrainConfig(), LAPTOP) == InferPlan(2, 1, False)  # one single-threaded actor per CPU
-    assert plan_inference(TrainConfig(), BIG_BOX) == InferPlan(16, 1, False)
-    assert plan_inference(TrainConfig(num_infer_actors=3), BIG_BOX) == InferPlan(3, 1, False)
-    assert plan_inference(TrainConfig(use_gpu=True), ONE_GPU) == InferPlan(1, 0, True)
+def test_inference_plan_after_training_is_sized_to_the_work():
+    # A pool sized to the work: one actor per CPU or per batch, whichever is fewer.
+    assert plan_inference(TrainConfig(), LAPTOP, 10_000) == InferPlan(2, 1, False)
+    assert plan_inference(TrainConfig(), BIG_BOX, 10_000) == InferPlan(10, 1, False)  # 10 batches of 1,024
+    assert plan_inference(TrainConfig(), cluster(*[Node(8)] * 125), 10_000).num_actors == 10  # not 1,000 actors
+    assert plan_inference(TrainConfig(), BIG_BOX, 300) == InferPlan(1, 1, False)
+    assert plan_inference(TrainConfig(num_infer_actors=3), BIG_BOX, 10_000) == InferPlan(3, 1, False)
+    assert plan_inference(TrainConfig(use_gpu=True), ONE_GPU, 10_000) == InferPlan(1, 0, True)
     # A node lost during training: the plan follows the cluster as it is now.
-    assert plan_inference(TrainConfig(), cluster(Node(cpus=2), Node(cpus=2))).num_actors == 4
-    assert plan_inference(TrainConfig(), cluster(Node(cpus=2))).num_actors == 2
+    assert plan_inference(TrainConfig(), cluster(Node(cpus=2), Node(cpus=2)), 10_000).num_actors == 4
+    assert plan_inference(TrainConfig(), cluster(Node(cpus=2)), 10_000).num_actors == 2
     # No CPU up, but an autoscaler can add one: one actor, placed once it has.
-    assert plan_inference(TrainConfig(), KUBERAY_EMPTY) == InferPlan(1, 1, False)
+    assert plan_inference(TrainConfig(), KUBERAY_EMPTY, 10_000) == InferPlan(1, 1, False)
     with pytest.raises(ConfigError, match="no CPU for the inference actors"):
-        plan_inference(TrainConfig(), NO_CPU)
+        plan_inference(TrainConfig(), NO_CPU, 10_000)
 
 
-def test_tagging_plan_leaves_the_decoders_a_cpu():
-    tag = TagConfig(checkpoint="c", input="i", output="o")
-    assert plan_tagging(tag, LAPTOP) == InferPlan(1, 1, False)
-    assert plan_tagging(tag, BIG_BOX) == InferPlan(15, 1, False)
-    assert plan_tagging(tag, cluster(Node(cpus=1))) == InferPlan(1, 0.5, False)  # shares its one CPU
-    assert plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), ONE_GPU) == InferPlan(1, 0, True)
+def test_tagging_plan_reads_in_the_actors_on_cpus_and_beside_them_on_gpus():
+    tag = TagConfig(checkpoint="c", input="i", output="o")  # batches of 256 photos
+    gpu_tag = TagConfig(checkpoint="c", input="i", output="o", use_gpu=True)
+    assert plan_tagging(tag, LAPTOP, 20_000) == InferPlan(2, 1, False)  # every CPU decodes, then predicts
+    assert plan_tagging(tag, BIG_BOX, 20_000) == InferPlan(16, 1, False)
+    assert plan_tagging(tag, BIG_BOX, 500) == InferPlan(2, 1, False)  # two batches: two actors at most
+    assert plan_tagging(tag, cluster(Node(cpus=1)), 20_000) == InferPlan(1, 1, False)
+    assert plan_tagging(TagConfig(checkpoint="c", input="i", output="o", num_actors=3), BIG_BOX, 20_000) == InferPlan(3, 1, False)
+    assert plan_tagging(gpu_tag, ONE_GPU, 20_000) == InferPlan(1, 0, True)
     with pytest.raises(ConfigError, match="no GPU"):
-        plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), LAPTOP)
-    assert plan_tagging(tag, KUBERAY_EMPTY) == InferPlan(1, 1, False)
-    assert plan_tagging(TagConfig(checkpoint="c", input="i", output="o", use_gpu=True), KUBERAY_EMPTY) == InferPlan(1, 0, True)
+        plan_tagging(gpu_tag, LAPTOP, 20_000)
+    assert plan_tagging(tag, KUBERAY_EMPTY, 20_000) == InferPlan(1, 1, False)
+    assert plan_tagging(gpu_tag, KUBERAY_EMPTY, 20_000) == InferPlan(1, 0, True)
     with pytest.raises(ConfigError, match="no CPU for the predictor actors"):
-        plan_tagging(tag, NO_CPU)
+        plan_tagging(tag, NO_CPU, 20_000)
 
 
 def test_a_clf_error_in_a_worker_stays_one_line_of_its_kind():

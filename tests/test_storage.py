@@ -14,7 +14,7 @@ import pytest
 
 from clf import catalog, checkpoint, storage
 from clf.errors import ClfError, ConfigError
-from clf.tagging import photos
+from clf import photos
 from clf.tagging.pipeline import list_inputs
 from tests.catalog import write_catalog
 from tests.helpers import ROOT

@@ -17,7 +17,7 @@ from PIL import Image
 from tests.catalog import render, write_broken, write_catalog
 from clf.config import TagConfig
 from clf.errors import ConfigError
-from clf.tagging import photos
+from clf import photos
 from clf.tagging.pipeline import COLUMNS, list_inputs
 from tests.helpers import ROOT
 

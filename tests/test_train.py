@@ -11,7 +11,7 @@ from clf import checkpoint, data, runtime
 from clf.config import TrainConfig
 from clf.errors import CheckpointError
 from clf.runtime import TrainPlan
-from clf.train import epoch_batches, shard_order
+from clf.train import epoch_batches, steps_per_epoch
 from clf.trainer import fit
 from tests.helpers import ROOT, real_subset, training_data
 
@@ -34,12 +34,12 @@ def losses(fitted):
     return [record["loss"] for record in fitted.history]
 
 
-def test_shards_cover_the_data_once_and_agree_across_ranks():
-    shards = [shard_order(1003, epoch=1, seed=5, rank=r, world_size=3) for r in range(3)]
-    assert {len(s) for s in shards} == {334}  # equal counts; 1 image left out this epoch
-    together = np.concatenate(shards)
-    assert len(np.unique(together)) == len(together)
-    assert not np.array_equal(shards[0], shard_order(1003, epoch=2, seed=5, rank=0, world_size=3))
+def test_an_epoch_takes_each_image_of_the_shard_once_in_a_seeded_order():
+    batches = epoch_batches(1003, epoch=1, seed=5, steps=16)
+    together = np.concatenate(batches)
+    assert sorted(together) == list(range(1003))
+    assert not np.array_equal(together, np.concatenate(epoch_batches(1003, epoch=2, seed=5, steps=16)))
+    assert np.array_equal(together, np.concatenate(epoch_batches(1003, epoch=1, seed=5, steps=16)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -56,13 +56,13 @@ def test_freed_memory_is_kept_for_the_next_step():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_step_count_depends_on_the_global_batch_only(world_size):
-    # An elastic run that loses a worker keeps its schedule: as many steps per epoch with any world size.
-    batches = [epoch_batches(1003, 0, 5, rank, world_size, batch_size=64) for rank in range(world_size)]
-    assert {len(b) for b in batches} == {16}  # ceil(1003 / 64)
-    sizes = {len(batch) for rank_batches in batches for batch in rank_batches}
-    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= -(-64 // world_size)
-    together = np.concatenate([batch for rank_batches in batches for batch in rank_batches])
-    assert len(np.unique(together)) == len(together) == 1003 // world_size * world_size
+    # An elastic run that loses a worker keeps its schedule: as many steps per epoch with any world size,
+    # each rank's equal shard (1003 // world_size images) cut into them.
+    steps = steps_per_epoch(1003, 64)
+    assert steps == 16
+    batches = epoch_batches(1003 // world_size, 0, 5, steps)
+    sizes = {len(batch) for batch in batches}
+    assert len(batches) == 16 and max(sizes) - min(sizes) <= 1 and max(sizes) <= -(-64 // world_size)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

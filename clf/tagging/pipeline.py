@@ -1,13 +1,13 @@
 """Tag a catalog: photo files in, one row per file out, with the same predictor as test-set evaluation.
 
-Pipeline (Ray Data): the list of files -> tasks that read and decode each photo into the model's 28x28
-domain (`clf.tagging.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor`
-over an actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
+Pipeline (Ray Data): the list of files -> read and decode each photo into the model's 28x28 domain
+(`clf.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor` over an
+actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
 whole dataset on one unreadable file and drop nothing silently only by failing; here every file gets its
 row, a bad one with the reason. The model reaches the predictor actors through Ray's object store (the
 driver reads the checkpoint once, from its disk or a URI). The driver collects the rows (no images: a few
-short columns), checks that each input has exactly one, and writes them itself, as one file, then
-summary.json, into a staging folder that becomes --output when complete: renamed into place on the
+short columns) batch by batch in input order, checks that each input has exactly one, and appends them
+to one file, then writes summary.json, in a staging folder that becomes --output when complete: renamed into place on the
 driver's disk, or uploaded to a bucket with summary.json last (a Ray Data writer would write from whichever
 node Ray picks, onto a disk the user may never see).
 """
@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 
 from clf import checkpoint as ckpt
@@ -30,9 +36,9 @@ from clf.catalog import read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
-from clf.report import provenance, reason_counts, reasons, text_table
+from clf.report import provenance, reason_counts, text_table
 from clf.runtime import InferPlan
-from clf.tagging import photos
+from clf import photos
 
 TOP_K = 3
 COLUMNS = [
@@ -45,20 +51,43 @@ PROGRESS_EVERY_S = 10.0
 SUMMARY = "summary.json"
 
 
-@dataclass(frozen=True)
+# The tags file's columns and types, the same in every batch written.
+SCHEMA = pa.schema(
+    [("path", pa.string()), ("tag", pa.string()), ("class_id", pa.int64()), ("confidence", pa.float64())]
+    + [(f"top{k}{part}", pa.float64() if part else pa.string()) for k in range(1, TOP_K + 1) for part in ("", "_prob")]
+    + [("needs_review", pa.bool_()), ("error", pa.string())]
+)
+
+
+@dataclass
 class TagResult:
-    rows: pd.DataFrame  # COLUMNS, one row per input file, in input order
+    """What the tags file holds, counted as its rows were written (the driver keeps no rows)."""
+
     output: str  # a folder on the driver's disk, or a URI
-    seconds: float  # reading, decoding and tagging, actor start-up included
-    nodes: dict[str, int]  # Ray node id -> files its predictor actors tagged
+    files: int = 0
+    tags: Counter = field(default_factory=Counter)  # tag -> files
+    failures: Counter = field(default_factory=Counter)  # why (its first words) -> files
+    needs_review: int = 0
+    nodes: Counter = field(default_factory=Counter)  # Ray node id -> files its predictor actors tagged
+    seconds: float = 0.0  # reading, decoding and tagging, actor start-up included
+    first_batch_s: float = 0.0  # until the first batch of rows came back: mostly the actors starting
+    first_batch_files: int = 0
 
     @property
     def failed(self) -> int:
-        return int((self.rows["error"] != "").sum())
+        return sum(self.failures.values())
 
     @property
     def tagged(self) -> int:
-        return len(self.rows) - self.failed
+        return self.files - self.failed
+
+    def count(self, rows: pd.DataFrame) -> None:
+        failed = rows["error"] != ""
+        self.files += len(rows)
+        self.tags.update(rows.loc[~failed, "tag"])
+        self.failures.update(reason_counts(rows["error"]))
+        self.needs_review += int(rows["needs_review"].sum())
+        self.nodes.update(rows["node"])
 
 
 def list_inputs(source: str) -> list[str]:
@@ -120,62 +149,91 @@ def run(cfg: TagConfig) -> TagResult:
     with storage.staged_output(cfg.output, last=SUMMARY) as staging:
         runtime.connect()
         cluster = runtime.cluster_nodes()
-        plan = runtime.plan_tagging(cfg, cluster)
+        plan = runtime.plan_tagging(cfg, cluster, len(paths))
         local = [path for path in (storage.local_path(p) for p in paths if p) if path]
         runtime.refuse_unseen(cluster, storage.sample(local), f"--input {cfg.input} (its photos)")
-        print(f"tagging {len(paths):,} files from {cfg.input} with {plan.num_actors} predictor actor(s)", flush=True)
+        print(f"tagging {len(paths):,} files from {cfg.input} with {plan.num_actors} predictor actor(s)",
+              flush=True)
         started = time.perf_counter()
-        rows = _collect(_tag(cfg, plan, paths, model), len(paths), started)
-        result = TagResult(rows[COLUMNS], cfg.output, time.perf_counter() - started,
-                           rows["node"].value_counts().to_dict())
-        if cfg.format == "csv":
-            result.rows.to_csv(staging / cfg.tags_name, index=False)
-        else:
-            result.rows.to_parquet(staging / cfg.tags_name, index=False)
+        result = TagResult(cfg.output)
+        parts = staging / ".parts"
+        parts.mkdir()
+        for predicted in _each_input_once(_tag(cfg, plan, paths, model), len(paths), started):
+            rows = to_rows(predicted, model.classes, cfg.review_threshold)
+            if not result.first_batch_files:
+                result.first_batch_s, result.first_batch_files = time.perf_counter() - started, len(rows)
+            _write_part(parts, rows)
+            result.count(rows)
+        _join_parts(parts, staging / cfg.tags_name, cfg.format)
+        result.seconds = time.perf_counter() - started
         (staging / SUMMARY).write_text(json.dumps(summary_record(result, cfg, model), indent=2) + "\n")
     return result
 
 
 def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], model: ckpt.ModelFiles) -> ray.data.Dataset:
-    """The Ray Data job: read and convert each file (tasks), predict (actors), rows of tags."""
+    """The Ray Data job: read and convert each file (on CPUs fused into the predictor actors, their resources
+    being the same; CPU tasks beside GPU actors), then predict. Each block is a run of consecutive inputs
+    (`index`), and stays whole to the end. The rows of tags are made by the driver as blocks arrive: as a
+    task of its own, that cheap step waited for a CPU the actors held, and every block with it."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
-    blocks = max(1, min(len(paths), -(-len(paths) // cfg.batch_size)))
-    prepared = ray.data.from_pandas(listing).repartition(blocks).map_batches(
-        photos.read_photos, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
+    blocks = [listing.iloc[i:i + cfg.batch_size] for i in range(0, len(listing), cfg.batch_size)]
+    prepared = ray.data.from_pandas(blocks).map_batches(
+        photos.read_photos, batch_size=None, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
     )
-    return predict(prepared, model, plan, cfg.batch_size, top_k=TOP_K).map_batches(
-        to_rows, fn_kwargs={"classes": model.classes, "review_threshold": cfg.review_threshold}, batch_format="pandas"
-    )
+    return predict(prepared, model, plan, None, top_k=TOP_K)
 
 
-def _collect(tagged: ray.data.Dataset, count: int, started: float) -> pd.DataFrame:
-    """The rows on the driver, in input order, with a progress line now and then; exactly one per input."""
-    parts, done, last_report = [], 0, time.perf_counter()
-    for part in tagged.iter_batches(batch_size=None, batch_format="pandas"):
-        parts.append(part)
-        done += len(part)
+def _each_input_once(tagged: ray.data.Dataset, count: int, started: float):
+    """The rows, block by block as they come back (in any order), with a progress line now and then;
+    exactly one row per input, checked at the end: never a result that looks complete and is not."""
+    runs, done, last_report = [], 0, time.perf_counter()
+    for rows in tagged.iter_batches(batch_size=None, batch_format="pandas"):
+        index = rows["index"].to_numpy()
+        if not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+            raise ClfError(f"tagging returned a batch of rows that is not a run of consecutive inputs (from {index[0]})")
+        runs.append((int(index[0]), len(index)))
+        done += len(rows)
+        yield rows
         if time.perf_counter() - last_report > PROGRESS_EVERY_S:
             last_report = time.perf_counter()
             print(f"  {done:,} of {count:,} files ({done / (last_report - started):,.0f} files/s)", flush=True)
-    rows = pd.concat(parts, ignore_index=True).sort_values("index", ignore_index=True)
-    # Every input exactly once: never a result that looks complete and is not.
-    if len(rows) != count or not np.array_equal(rows["index"].to_numpy(), np.arange(count)):
-        raise ClfError(f"tagging returned {len(rows)} rows for {count} files")
-    return rows
+    expected = 0
+    for start, length in sorted(runs):
+        if start != expected:
+            break
+        expected += length
+    if expected != count or done != count:
+        raise ClfError(f"tagging returned {done:,} rows for {count:,} files")
+
+
+def _write_part(parts: Path, rows: pd.DataFrame) -> None:
+    """A block of rows as a file of its own, named by its first input's index (so that names sort in input
+    order); the driver holds one block at a time."""
+    table = pa.Table.from_pandas(rows[COLUMNS], schema=SCHEMA, preserve_index=False)
+    pq.write_table(table, parts / f"{int(rows['index'].iloc[0]):012d}.parquet")
+
+
+def _join_parts(parts: Path, path: Path, fmt: str) -> None:
+    """The parts, in input order, into the one tags file (Parquet or CSV), a part at a time; then removed."""
+    writer = pacsv.CSVWriter if fmt == "csv" else pq.ParquetWriter
+    with writer(str(path), SCHEMA) as out:
+        for part in sorted(parts.iterdir()):
+            out.write_table(pq.read_table(part))
+    shutil.rmtree(parts)
 
 
 def summary_record(result: TagResult, cfg: TagConfig, model: ckpt.ModelFiles) -> dict:
     """summary.json: the counts the console summary shows, the settings, and where the work ran."""
-    rows = result.rows
     return {
-        "files": len(rows),
+        "files": result.files,
         "tagged": result.tagged,
         "failed": result.failed,
-        "failed_by_reason": dict(reason_counts(rows["error"]).most_common()),
-        "needs_review": int(rows["needs_review"].sum()),
-        "tags": {str(k): int(v) for k, v in rows.loc[rows["error"] == "", "tag"].value_counts().items()},
+        "failed_by_reason": dict(result.failures.most_common()),
+        "needs_review": result.needs_review,
+        "tags": {str(k): int(v) for k, v in result.tags.most_common()},
         "classes": model.classes,
         "seconds": round(result.seconds, 3),
+        "first_batch": {"seconds": round(result.first_batch_s, 3), "files": result.first_batch_files},
         "nodes": {node: int(n) for node, n in result.nodes.items()},
         "config": dataclasses.asdict(cfg),
         "provenance": provenance(),
@@ -183,18 +241,17 @@ def summary_record(result: TagResult, cfg: TagConfig, model: ckpt.ModelFiles) ->
 
 
 def summary(result: TagResult, review_threshold: float) -> str:
-    rows = result.rows
     lines = [
-        f"tagged {result.tagged:,} of {len(rows):,} files in {result.seconds:.1f} s "
-        f"({len(rows) / result.seconds:,.0f} files/s)"
+        f"tagged {result.tagged:,} of {result.files:,} files in {result.seconds:.1f} s "
+        f"({result.files / result.seconds:,.0f} files/s)"
     ]
-    counts = rows.loc[rows["error"] == "", "tag"].value_counts()
-    if len(counts):
+    if result.tags:
+        counts = pd.Series(result.tags).sort_values(ascending=False, kind="stable")
         lines.append(text_table(counts.rename_axis("tag").reset_index(name="count")))
-    lines.append(f"needs review (confidence below {review_threshold:.2f}): {int(rows['needs_review'].sum()):,}")
+    lines.append(f"needs review (confidence below {review_threshold:.2f}): {result.needs_review:,}")
     failed = f"failed: {result.failed:,}"
     if result.failed:
-        failed += f" ({reasons(rows['error'])})"
+        failed += " (" + ", ".join(f"{reason}: {n}" for reason, n in result.failures.most_common()) + ")"
     lines.append(failed)
     nodes = ", ".join(f"{node[:8]} {n:,} files" for node, n in sorted(result.nodes.items()))
     lines.append(f"predictor actors ran on {len(result.nodes)} node(s): {nodes}")
