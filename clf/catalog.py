@@ -35,8 +35,8 @@ PHOTOS_PER_BLOCK = 256
 
 def list_labelled(source: str, flag: str) -> pd.DataFrame:
     """(path, label, size) of every photo: absolute paths or URIs, class names as given by the layout, sizes
-    in bytes as a folder's listing gives them (-1 for the entries of a .parquet / .csv listing: not asked for
-    one by one; the photos' digest takes the sizes read)."""
+    in bytes where the listing gives them without a request per file (a folder in object storage; -1 on a
+    local disk and for the entries of a .parquet / .csv listing: the photos' digest takes the sizes read)."""
     try:
         place = storage.Place.of(source)
         kind = place.kind()
@@ -48,9 +48,9 @@ def list_labelled(source: str, flag: str) -> pd.DataFrame:
         if not classes:
             raise DataError(f"{flag} {source} holds no class sub-folders ({flag} FOLDER/<class name>/<photos>)")
         rows = [
-            (place.location(f.path), folder.base_name, f.size)
+            (place.location(path), folder.base_name, size)
             for folder in classes
-            for f in storage.Place(place.fs, folder.path, place.scheme).files()
+            for path, size in storage.Place(place.fs, folder.path, place.scheme).files()
         ]
         return pd.DataFrame(rows, columns=["path", "label", "size"])
     if kind == pafs.FileType.NotFound:

@@ -94,14 +94,21 @@ class Place:
     def kind(self) -> pafs.FileType:
         return self.fs.get_file_info(self.path).type
 
-    def files(self) -> list[pafs.FileInfo]:
-        """Every file in this folder and below, hidden ones (and those in hidden folders) aside, sorted by
-        path; with their sizes, which the listing returns without a request per file."""
+    def files(self) -> list[tuple[str, int]]:
+        """(path, size in bytes) of every file in this folder and below, hidden ones (and those in hidden
+        folders) aside, sorted by path. Object storage lists sizes with the names; on a local disk a size
+        would cost a stat per file (a million of them on NFS), so there it is -1, and only the folders' own
+        entries are read."""
+        if self.local:
+            found = []
+            for folder, subfolders, names in os.walk(self.path):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+                found += [(os.path.join(folder, n), -1) for n in names if not n.startswith(".")]
+            return sorted(found)
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
         return sorted(
-            (i for i in infos if i.type == pafs.FileType.File
-             and not any(part.startswith(".") for part in i.path[len(self.path):].split("/"))),
-            key=lambda i: i.path,
+            (i.path, i.size) for i in infos if i.type == pafs.FileType.File
+            and not any(part.startswith(".") for part in i.path[len(self.path):].split("/"))
         )
 
     def resolve(self, entry: str) -> str:

@@ -58,9 +58,8 @@ def test_a_folder_and_a_listing_list_the_same_photos(tmp_path):
     columns = ["path", "label"]
     assert sorted(map(tuple, folder[columns].to_numpy())) == sorted(map(tuple, listed[columns].to_numpy()))
     assert len(folder) == 4
-    # A folder's listing gives sizes; a listing's entries are not asked for theirs one by one (the photos'
-    # digest takes the bytes read).
-    assert folder["size"].tolist() == [1, 1, 1, 1] and listed["size"].tolist() == [-1, -1, -1, -1]
+    # No size asked for file by file (a stat each, on a local disk; the photos' digest takes the bytes read).
+    assert folder["size"].tolist() == [-1, -1, -1, -1] and listed["size"].tolist() == [-1, -1, -1, -1]
 
 
 def test_uris_are_listed_and_read_like_paths(tmp_path, real_data):

@@ -239,3 +239,22 @@ def test_a_csv_listing_tagged_into_csv_with_a_missing_file(shop, one_epoch, tmp_
 
     again = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(listing), "--output", str(out))
     assert again.returncode == 2 and "exists already" in again.stderr  # never overwrites earlier tags
+
+
+def test_the_photo_conversion_imports_neither_torch_nor_pandas():
+    # Every decode task imports it: torch alone takes seconds to import and hundreds of MB.
+    code = "import sys, clf.photos; print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_a_large_photo_decodes_at_a_scale_that_keeps_the_28_pixel_result():
+    original = square_item()
+    photo, _ = render(original, np.random.default_rng(1), scales=(30, 31), kinds=("jpg",))  # ~1100 px
+    data = encoded(photo, "JPEG")
+    assert max(photos.decode(data).size) < max(photo.size) / 2 and min(photos.decode(data).size) >= 224 // 2
+    scaled, whole = photos.load(data), photos.load(data, side=None)
+    assert np.abs(scaled.astype(int) - whole.astype(int)).mean() < 8  # the same item, the same place
+    rows, cols = np.nonzero(scaled > 100)
+    assert cols.min() <= 1 and cols.max() >= 26

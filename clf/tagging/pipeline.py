@@ -100,7 +100,7 @@ def list_inputs(source: str) -> list[str]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--input {source} cannot be reached ({first_line(e)})") from None
     if kind == pafs.FileType.Directory:
-        files = [place.location(info.path) for info in place.files()]
+        files = [place.location(path) for path, _ in place.files()]
         if not files:
             raise ConfigError(f"--input {source} holds no files")
         return files
