@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psutil
 
@@ -97,11 +98,20 @@ def tag_listing(folder: Path, rows: int, tmp: Path, env: dict) -> tuple[dict, fl
     return json.loads((out / "summary.json").read_text()), wall, peak
 
 
+def train_pass(source: str, rows: int, tmp: Path, env: dict, name: str) -> tuple[float, dict]:
+    out = tmp / name
+    run_job(["jobs/train.py", "--train-data", source, "--epochs", "1", "--output", str(out),
+             "--storage-path", str(tmp / "storage")], env)
+    m = json.loads((out / "metrics.json").read_text())
+    return rows / m["timings"]["read_photos_s"], m
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", type=int, default=2000, help="photos made and read (at most 4,000)")
-    p.add_argument("--listed", type=int, default=20_000, help="rows of the listing tagged end to end (the photos "
-                   "listed again and again)")
+    p.add_argument("--listed", type=int, default=20_000, help="rows of the listings read by the training job and "
+                   "tagged (the photos listed again and again)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the pool and the Ray jobs")
     p.add_argument("--memory-rows", type=int, nargs="*", default=[100_000, 200_000],
                    help="listings tagged while the driver's peak memory is sampled (none: skip)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "clf" / "ingest")
@@ -110,41 +120,46 @@ def main() -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     folder = photos_folder(args.cache, args.photos)
     paths = sorted(str(p) for p in folder.rglob("*.jpg"))
-    print(f"machine: {cpu_model()}, {cores} CPUs; {len(paths):,} JPEG photos of about 1000 px")
+    listed = (paths * (args.listed // len(paths) + 1))[:args.listed]
+    print(f"machine: {cpu_model()}, {cores} CPUs; {len(paths):,} JPEG photos of about 1000 px; listings of "
+          f"{len(listed):,} rows list them again and again")
 
     sample = paths[:200]
     whole = one_process(sample, None)
     scaled = one_process(sample, photos.DECODE_SIDE)
     print(f"conversion, one process: {scaled:,.0f} photos/s decoding at {photos.DECODE_SIDE} px and more; "
           f"{whole:,.0f} photos/s decoding whole ({scaled / whole:.1f}x)")
-    plain = pool(paths, cores)
-    print(f"conversion, a plain pool of {cores} processes: {plain:,.0f} photos/s")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for rows in (len(paths), args.listed):
-            # The folder itself, then a listing of the same photos again and again (labelled by their folder).
-            source = str(folder)
-            if rows != len(paths):
-                source = str(tmp / f"train-{rows}.parquet")
-                listed = (paths * (rows // len(paths) + 1))[:rows]
-                pd.DataFrame({"path": listed, "label": [Path(p).parent.name for p in listed]}).to_parquet(source)
-            out = tmp / f"train-{rows}"
-            run_job(["jobs/train.py", "--train-data", source, "--epochs", "1", "--output", str(out),
-                     "--storage-path", str(tmp / "storage")], env)
-            m = json.loads((out / "metrics.json").read_text())
-            read_s = m["timings"]["read_photos_s"]
-            ray_pass = rows / read_s
-            print(f"training job's Ray Data pass over {rows:,} photos: {read_s:.1f} s, {ray_pass:,.0f} photos/s "
-                  f"({ray_pass / plain:.2f}x the plain pool); eval accuracy {m['accuracy']:.4f} on {m['count']} photos")
-
-        summary, wall, peak = tag_listing(folder, args.listed, tmp, env)
-        first = summary["first_batch"]
-        after = (summary["files"] - first["files"]) / (summary["seconds"] - first["seconds"])
-        print(f"jobs/tag.py, a listing of {summary['files']:,} rows: {summary['files'] / summary['seconds']:,.0f} "
-              f"photos/s in all ({first['seconds']:.1f} s to the first batch), {after:,.0f} photos/s after "
-              f"it ({after / plain:.2f}x the plain pool); whole process {wall:.1f} s; driver peak "
-              f"{peak / 2**20:,.0f} MiB")
+        listing = str(tmp / "train-listing.parquet")
+        pd.DataFrame({"path": listed, "label": [Path(p).parent.name for p in listed]}).to_parquet(listing)
+        figures = {"pool": [], "pass": [], "pass_folder": [], "tag_after": [], "tag_all": [], "tag_first_s": []}
+        for repeat in range(args.repeats):
+            # Interleaved: the machine's speed drifts (seen here: the same pool at 566 and 966 photos/s).
+            figures["pool"].append(pool(listed, cores))
+            rate, m = train_pass(str(folder), len(paths), tmp, env, f"folder-{repeat}")  # a real held-out split
+            figures["pass_folder"].append(rate)
+            rate, _ = train_pass(listing, len(listed), tmp, env, f"listing-{repeat}")
+            figures["pass"].append(rate)
+            summary, wall, peak = tag_listing(folder, len(listed), tmp, env)
+            first = summary["first_batch"]
+            figures["tag_after"].append((summary["files"] - first["files"]) / (summary["seconds"] - first["seconds"]))
+            figures["tag_all"].append(summary["files"] / summary["seconds"])
+            figures["tag_first_s"].append(first["seconds"])
+            print(f"repeat {repeat + 1}: pool {figures['pool'][-1]:,.0f}, training pass {figures['pass_folder'][-1]:,.0f} "
+                  f"({len(paths):,} photos) and {figures['pass'][-1]:,.0f} ({len(listed):,}), tagging after the first "
+                  f"batch {figures['tag_after'][-1]:,.0f} photos/s; driver peak {peak / 2**20:,.0f} MiB", flush=True)
+        med = {k: float(np.median(v)) for k, v in figures.items()}
+        print(f"\nmedians of {args.repeats}, photos/s:")
+        print(f"  a plain pool of {cores} processes, the new conversion: {med['pool']:,.0f}")
+        print(f"  training job's Ray Data pass, {len(listed):,} photos: {med['pass']:,.0f} ({med['pass'] / med['pool']:.2f}x "
+              f"the pool); {len(paths):,} photos: {med['pass_folder']:,.0f} ({med['pass_folder'] / med['pool']:.2f}x)")
+        print(f"  jobs/tag.py, {len(listed):,} rows: {med['tag_after']:,.0f} after the first batch "
+              f"({med['tag_after'] / med['pool']:.2f}x the pool); {med['tag_all']:,.0f} in all, "
+              f"{med['tag_first_s']:.1f} s to the first batch")
+        print(f"  evaluation accuracy of the last training run on the photos themselves (1 epoch): "
+              f"{m['accuracy']:.4f} on {m['count']:,}")
         for rows in args.memory_rows:
             summary, wall, peak = tag_listing(folder, rows, tmp, env)
             print(f"jobs/tag.py, a listing of {rows:,} rows: driver peak {peak / 2**30:.2f} GiB "

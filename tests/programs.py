@@ -50,21 +50,27 @@ def untrained_checkpoint(folder: str) -> None:
 
 
 def step_page_faults(malloc: str) -> None:
-    """Page faults of 30 forward and backward passes of two convolutions on a batch of 128, with glibc's
-    adaptive malloc thresholds or after `clf.train.keep_freed_memory` (which cannot be undone in a process)."""
+    """Page faults of 30 steps that each take 32 MiB in 4 MiB blocks from malloc, write them and free them
+    (what a training step's activations and gradients do), with glibc's adaptive thresholds or after
+    `clf.train.keep_freed_memory` (which cannot be undone in a process)."""
+    import ctypes
     import resource
-
-    import torch
 
     from clf.train import keep_freed_memory
 
     if malloc == "kept":
         assert keep_freed_memory()
-    x = torch.randn(128, 1, 28, 28)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1))
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 4 << 20
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(30):
-        model(x).sum().backward()
+        blocks = [libc.malloc(size) for _ in range(8)]
+        for block in blocks:
+            ctypes.memset(block, 1, size)
+        for block in blocks:
+            libc.free(block)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 

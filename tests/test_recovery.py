@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from clf import storage
 from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint
 from tests.helpers import ROOT, real_dataset_dir
 from tests.ray_cluster import LocalCluster, not_shared
@@ -19,6 +20,7 @@ from tests.ray_cluster import LocalCluster, not_shared
 pytestmark = pytest.mark.slow
 
 TRAIN = str(ROOT / "jobs" / "train.py")
+EPOCHS = 5  # of the runs that lose a node
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +79,35 @@ def bucket(s3):
     return s3.bucket("recovery")
 
 
-def train_and_lose_the_worker_node(two_nodes, data_dir, storage: str, tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    """Train with one worker on each node, checkpoints in `storage`, and SIGKILL the worker node's raylet
-    once a checkpoint is registered; returns the still running driver and its log."""
+def train_and_lose_the_worker_node(two_nodes, data_dir, checkpoints: str, tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Train with one worker on each node, checkpoints in `checkpoints`, and SIGKILL every process of the
+    worker node at once (a machine lost) once a checkpoint is registered; returns the still running driver
+    and its log. (Its raylet alone is not enough: a training worker that no longer needs the raylet, its
+    data in memory, trains on for a while, and the run can end first.)"""
     cluster, worker_node = two_nodes
     log = tmp_path / "driver.log"
     driver = start_driver(
-        ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64",
+        ["--data-dir", str(data_dir), "--epochs", str(EPOCHS), "--batch-size", "64",
          "--num-workers", "2", "--cpus-per-worker", "1", *extra,
-         "--storage-path", storage, "--run-name", "two-nodes", "--output", str(tmp_path / "out")],
+         "--storage-path", checkpoints, "--run-name", "two-nodes", "--output", str(tmp_path / "out")],
         log,
         # After the loss a run first waits this long for all its workers (Ray's default: 60 s, time an
         # autoscaler gets to bring a replacement).
         env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"},
     )
-    wait_for_checkpoint(f"{storage}/two-nodes", driver, log)
-    on_worker_node = [p for p in cluster.processes([worker_node]) if p.name().startswith("ray::RayTrainWorker")]
-    assert on_worker_node, "no training worker ran on the worker node"
-    cluster.raylet(worker_node).send_signal(signal.SIGKILL)
+    wait_for_checkpoint(f"{checkpoints}/two-nodes", driver, log)
+    node = cluster.processes([worker_node])
+    assert any(p.name().startswith("ray::RayTrainWorker") for p in node), "no training worker ran on the worker node"
+    for p in node:
+        p.send_signal(signal.SIGKILL)
+    registered = latest_checkpoint_epoch(f"{checkpoints}/two-nodes")
+    assert registered < EPOCHS, f"training ended (epoch {registered} registered) before the node was lost"
     return driver, log
+
+
+def latest_checkpoint_epoch(run_dir: str) -> int:
+    snapshot = json.loads(storage.Place.of(f"{run_dir}/checkpoint_manager_snapshot.json").read_bytes())
+    return snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
 
 
 def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data_dir, bucket, tmp_path):
@@ -105,7 +117,7 @@ def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data
     assert "training resumed from the checkpoint after epoch" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     history = metrics["history"]
-    assert history[-1]["epoch"] == 4 and history[-1]["workers"] == 1
+    assert history[-1]["epoch"] == EPOCHS and history[-1]["workers"] == 1
     assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
 
 

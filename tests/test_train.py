@@ -44,14 +44,16 @@ def test_an_epoch_takes_each_image_of_the_shard_once_in_a_seeded_order():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_kept_for_the_next_step():
-    # Each side in a process of its own: malloc's settings cannot be undone. Seen here: 290-380 thousand
-    # page faults with glibc's adaptive thresholds, 16-19 thousand with keep_freed_memory.
+    # Each side in a process of its own: malloc's settings cannot be undone. Blocks of a fixed size freed
+    # every step, not a real torch step: how many faults a torch step makes with the adaptive thresholds
+    # depends on the order its first tensors are freed in (290-380 thousand on one machine, 31 thousand
+    # against 16 thousand kept on CI's), so it cannot be a test. Seen here: 245 thousand against 8 thousand.
     def faults(malloc: str) -> int:
         out = subprocess.run([sys.executable, "-m", "tests.programs", "step-page-faults", malloc], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
         return int(out.strip().splitlines()[-1])
 
-    assert faults("kept") * 5 < faults("adaptive")
+    assert faults("kept") * 10 < faults("adaptive")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
