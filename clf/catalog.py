@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import ray.data
 
-from clf import runtime, storage
+from clf import console, runtime, storage
 from clf.config import TrainConfig
 from clf.data import TrainingData, in_order
 from clf.errors import DataError, first_line
@@ -131,8 +131,9 @@ class Catalog:
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
         rows = frame[["id", "path", "label"]]
         blocks = [rows.iloc[i:i + PHOTOS_PER_BLOCK] for i in range(0, len(rows), PHOTOS_PER_BLOCK)]
-        read = in_order(runtime.whole_cluster(ray.data.from_pandas(blocks).map_batches(
-            photos.read_photos, batch_size=None, batch_format="numpy"))).materialize()
+        with console.Progress("reading photos", len(rows), "photos") as progress:
+            read = runtime.materialize(in_order(runtime.whole_cluster(ray.data.from_pandas(blocks).map_batches(
+                photos.read_photos, batch_size=None, batch_format="numpy"))), progress)
         outcome = read.select_columns(["id", "error", "size"]).to_pandas().set_index("id")
         frame["error"], frame["size"] = frame["id"].map(outcome["error"]), frame["id"].map(outcome["size"])
         skipped = self._check_readable(frame)

@@ -123,6 +123,9 @@ class TrainConfig:
                                                       "one single-threaded actor per CPU of the cluster (one per GPU "
                                                       "with --use-gpu) or one per batch, whichever is fewer",
                                             check=at_least(1))
+    ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
+                                         "lines, what Ray's worker processes print); Ray writes them to its log "
+                                         "files either way")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -161,6 +164,9 @@ class TagConfig:
                                                 "get needs_review", check=number_in(0, 1))
     format: str = setting("parquet", help="the tags as one tags.parquet or tags.csv file", check=one_of(*TAG_FORMATS),
                           choices=TAG_FORMATS)
+    ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
+                                         "lines, what Ray's worker processes print); Ray writes them to its log "
+                                         "files either way")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -14,6 +14,7 @@ import pandas as pd
 import ray.data
 import torch
 
+from clf import console
 from clf.checkpoint import ModelFiles, build
 from clf.data import TrainingData, preprocess
 from clf.errors import ClfError
@@ -77,8 +78,13 @@ def predict(dataset: ray.data.Dataset, model: ModelFiles, plan: InferPlan, batch
 def evaluate(model: ModelFiles, data: TrainingData, plan: InferPlan, batch_size: int) -> pd.DataFrame:
     """Tag every evaluation image with the Ray Data predictor; rows (id, label, prediction, confidence, and
     path for photos) in id order."""
-    rows = predict(data.eval_dataset(), model, plan, batch_size).to_pandas()
-    return check_complete(rows, data.eval_rows)
+    parts = []
+    with console.Progress("evaluating", len(data.eval_rows), data.eval_name.split()[-1]) as progress:
+        for part in predict(data.eval_dataset(), model, plan, batch_size).iter_batches(batch_size=None,
+                                                                                       batch_format="pandas"):
+            parts.append(part)
+            progress.update(len(part))
+    return check_complete(pd.concat(parts, ignore_index=True), data.eval_rows)
 
 
 def placement(rows: pd.DataFrame) -> list[dict]:

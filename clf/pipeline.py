@@ -91,7 +91,7 @@ def run(cfg: TrainConfig) -> RunResult:
             storage.check_writable(runtime.storage_uri(cfg.storage_path), "--storage-path")
         with clock.phase("ray_start_s"):
             with importing(WHILE_RAY_STARTS):
-                runtime.connect()
+                runtime.connect(cfg.ray_logs)
             from clf import infer, metrics, trainer  # imported by now
 
             cluster = runtime.cluster_nodes()
@@ -104,6 +104,9 @@ def run(cfg: TrainConfig) -> RunResult:
             print(trainer.resume_notice(cfg, earlier, source.identity), flush=True)
         with clock.phase("read_photos_s" if cfg.train_data else "prepare_s"):
             training = source.prepare()
+        if cfg.train_data:
+            print(f"read {training.num_train + len(training.eval_rows) + len(training.skipped):,} photos in "
+                  f"{clock.timings['read_photos_s']:.1f} s", flush=True)
         trainer.check_same_photos(cfg, earlier, training.identity)
         _announce(cfg, cluster, train_plan, training)
         with clock.phase("train_s"):
@@ -119,8 +122,7 @@ def run(cfg: TrainConfig) -> RunResult:
         with clock.phase("write_s"):
             fitted.checkpoint.to_directory(str(staging / "checkpoint"))
             _write(staging, cfg, (train_plan, infer_plan), training, fitted.history, rows, scores, clock)
-    print(report.history_table(fitted.history), flush=True)
-    print(report.table(scores, training.classes, training.eval_name), flush=True)
+    print(report.ending(scores, training.classes, training.eval_name), flush=True)
     return RunResult(rows["prediction"].tolist(), scores.accuracy, scores.precision, scores.recall,
                      training.classes, output, fitted.history, clock.total())
 
@@ -152,7 +154,7 @@ def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], t
         "finished": datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": provenance["git_commit"] or "unknown",
     }
     mistakes = _confident_mistakes(rows, training)
-    report.write_run_report(folder, scores, training.classes, history, mistakes, facts)
+    report.write_run_report(folder, scores, training.classes, history, mistakes, facts, training.eval_name)
     report.write_metrics(folder / "metrics.json", scores, training.classes, {
         "config": dataclasses.asdict(cfg),
         "plan": {"training": dataclasses.asdict(train_plan), "inference": dataclasses.asdict(infer_plan)},

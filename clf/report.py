@@ -57,18 +57,17 @@ def formatted(frame: pd.DataFrame) -> pd.DataFrame:
 def text_table(frame: pd.DataFrame) -> str:
     shown = formatted(frame)
     left = {c: shown[c].str.len().max() for c in shown.columns if c in TEXT_COLUMNS}
-    return shown.to_string(index=False, justify="left" if left else "right",
+    text = shown.to_string(index=False, justify="left" if left else "right",
                            formatters={c: (lambda width: lambda s: s.ljust(width))(w) for c, w in left.items()})
+    return "\n".join(line.rstrip() for line in text.splitlines())
 
 
-def table(metrics: Metrics, classes, evaluated: str = "test images") -> str:
-    return f"{text_table(class_frame(metrics, classes))}\naccuracy {metrics.accuracy:.4f} over {metrics.count:,} {evaluated}"
-
-
-def history_table(history: list[dict]) -> str:
-    """One line per epoch, printed by the driver once training ends (the workers' live lines reach a
-    job's log only as far as Ray forwards worker output)."""
-    return text_table(history_frame(history))
+def ending(metrics: Metrics, classes, evaluated: str = "test images") -> str:
+    """What a run's console says at its end: the accuracy over what, and the classes it recalls worst (a
+    third of them, 1 to 3)."""
+    worst = sorted(zip(metrics.recall, range(len(classes))))[:max(1, min(3, len(classes) // 3))]
+    return (f"accuracy {metrics.accuracy:.4f} over {metrics.count:,} {evaluated}\n"
+            f"weakest classes (recall): " + ", ".join(f"{classes[i]} {recall:.2f}" for recall, i in worst))
 
 
 def provenance() -> dict:
@@ -134,9 +133,11 @@ REPORT_FILES = {
 }
 
 
-def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict], mistakes: dict, facts: dict) -> None:
+def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict], mistakes: dict, facts: dict,
+                     evaluated: str = "test images") -> None:
     """Figures and `report.html` beside metrics.json. `mistakes`: the most confident wrong predictions,
-    as arrays `images` (N, 28, 28) uint8, `label`, `prediction`, `confidence`, `id`."""
+    as arrays `images` (N, 28, 28) uint8, `label`, `prediction`, `confidence`, `id`. `evaluated`: what the
+    evaluation rows are, in words (test images, evaluation photos)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -144,7 +145,7 @@ def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict
 
     classes = list(classes)
     with plt.rc_context({"figure.dpi": 100, "font.size": 9}):
-        _confusion_figure(plt, metrics, classes).savefig(folder / REPORT_FILES["confusion"], bbox_inches="tight")
+        _confusion_figure(plt, metrics, classes, evaluated).savefig(folder / REPORT_FILES["confusion"], bbox_inches="tight")
         _per_class_figure(plt, metrics, classes).savefig(folder / REPORT_FILES["per_class"], bbox_inches="tight")
         _history_figure(plt, history).savefig(folder / REPORT_FILES["history"], bbox_inches="tight")
         _mistakes_figure(plt, mistakes, classes).savefig(folder / REPORT_FILES["mistakes"], bbox_inches="tight")
@@ -152,11 +153,12 @@ def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict
     page = PAGE.render(
         metrics=metrics, facts=facts, files=REPORT_FILES,
         per_class=formatted(class_frame(metrics, classes)), epochs=formatted(history_frame(history)),
+        evaluated=evaluated,
     )
     (folder / "report.html").write_text(page)
 
 
-def _confusion_figure(plt, metrics: Metrics, classes):
+def _confusion_figure(plt, metrics: Metrics, classes, evaluated: str):
     matrix = np.asarray(metrics.confusion)
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(matrix, cmap="Blues")
@@ -164,7 +166,7 @@ def _confusion_figure(plt, metrics: Metrics, classes):
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"Confusion matrix ({metrics.count:,} test images)")
+    ax.set_title(f"Confusion matrix ({metrics.count:,} {evaluated})")
     threshold = matrix.max() / 2
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -227,7 +229,7 @@ img { max-width: 100%; }
 </style>
 </head>
 <body>
-<h1>Test accuracy {{ "%.2f%%" % (metrics.accuracy * 100) }} over {{ "{:,}".format(metrics.count) }} images</h1>
+<h1>Accuracy {{ "%.2f%%" % (metrics.accuracy * 100) }} over {{ "{:,}".format(metrics.count) }} {{ evaluated }}</h1>
 <table>
 {% for key, value in facts.items() %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
 {% endfor %}</table>
@@ -245,7 +247,7 @@ img { max-width: 100%; }
 {{ frame_table(epochs) }}
 {{ figure("history", "training loss and accuracy per epoch") }}
 <h2>Most confident mistakes</h2>
-{{ figure("mistakes", "the test images the model got wrong with the highest confidence") }}
+{{ figure("mistakes", "the " ~ evaluated ~ " the model got wrong with the highest confidence") }}
 </body>
 </html>
 """)

@@ -18,7 +18,6 @@ import posixpath
 import secrets
 import signal
 import socket
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,12 +26,14 @@ from pathlib import Path
 import ray
 import ray._private.ray_constants
 import ray._private.state
+import ray._private.worker
 import yaml
 import ray.data
 import ray.exceptions
 from ray.train import ControllerError, WorkerGroupError
 from ray.train.v2._internal.exceptions import RayTrainError  # Ray Train's own failures (2.60: not public)
 
+from clf import console
 from clf.config import TagConfig, TrainConfig
 from clf.errors import ClfError, ConfigError, first_line
 
@@ -61,8 +62,9 @@ def loopback_mode() -> None:
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start an embedded local Ray."""
+def connect(ray_logs: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start an embedded local Ray. Ray's
+    own console lines off unless `ray_logs` (`clf.console.quiet_ray`)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -72,19 +74,22 @@ def connect() -> None:
         loopback_mode()
         for key, value in EMBEDDED_ENV.items():
             os.environ.setdefault(key, value)
+    quiet = console.quiet_ray(ray_logs)
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **({"log_to_driver": True} | quiet))
         else:
             # "local" even when a `ray start` cluster runs on this machine: joining one is asked for
             # explicitly, with RAY_ADDRESS.
-            ray.init(**LOCAL_RAY)
+            ray.init(**LOCAL_RAY, **quiet)
     except Exception as e:  # Ray raises plain Exception for a dashboard that does not start (2.60)
         ray.shutdown()  # stop whatever part of a local Ray did start
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise ClfError(f"could not start or join {where}: {first_line(e)}") from None
-    # Ray Data's progress bars are for terminals; in a log they are thousands of lines.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    console.quiet_ray_data(ray_logs)
+    if not ray_logs:
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # this machine's Ray session's logs
+        console.native_stderr_to(os.path.join(logs, f"clf-driver-{os.getpid()}.err"))
 
 
 def disconnect() -> None:
@@ -338,6 +343,19 @@ def whole_cluster(dataset: ray.data.Dataset) -> ray.data.Dataset:
     against 2.5 s without it (2-core VM). Only for datasets whose work is one stage."""
     dataset.context.op_resource_reservation_enabled = False
     return dataset
+
+
+def materialize(dataset: ray.data.Dataset, progress: console.Progress) -> ray.data.MaterializedDataset:
+    """`dataset.materialize()`, counting its rows into `progress` as its blocks are made (in the dataset's
+    order). The blocks stay where they were made; the driver holds their references only."""
+    refs = []
+    for bundle in dataset.iter_internal_ref_bundles():
+        rows = sum(entry.metadata.num_rows for entry in bundle.blocks)
+        if rows != bundle.num_rows():  # a bundle of parts of blocks: not what a map of whole blocks makes
+            raise ClfError(f"Ray Data gave a bundle of {bundle.num_rows()} rows in blocks of {rows}")
+        refs.extend(bundle.block_refs)
+        progress.update(rows)
+    return ray.data.from_arrow_refs(refs)
 
 
 # --- Names and storage -----------------------------------------------------------------------------------

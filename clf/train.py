@@ -114,14 +114,16 @@ def array_batches(images: np.ndarray, labels: np.ndarray, epoch: int, cfg: Train
 
 
 def train_epoch(learner: Learner, batches: Iterable[Batch], epoch: int, cfg: TrainConfig, rank: int,
-                device: torch.device) -> tuple[torch.Tensor, float]:
+                device: torch.device, after_step: Callable[[int, int], None] | None = None
+                ) -> tuple[torch.Tensor, float]:
     """One epoch over this rank's batches. Returns (loss summed over images, correct predictions, images),
-    this rank's alone, and the seconds spent waiting for the next batch."""
+    this rank's alone, and the seconds spent waiting for the next batch. `after_step(epoch, steps done)`,
+    if given, after each step (for progress)."""
     # Dropout's randomness depends on (seed, rank, epoch) only, so a resumed run matches.
     torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
     learner.model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    waited, batches = 0.0, iter(batches)
+    waited, batches, steps = 0.0, iter(batches), 0
     while True:
         asked = time.perf_counter()
         images, labels = next(batches, (None, None))
@@ -135,12 +137,16 @@ def train_epoch(learner: Learner, batches: Iterable[Batch], epoch: int, cfg: Tra
             totals[0] += loss.detach() * len(y)
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += len(y)
+        steps += 1
+        if after_step is not None:
+            after_step(epoch, steps)
 
 
 def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Batch]], cfg: TrainConfig, *,
                  start_epoch: int = 0, rank: int = 0, device: torch.device = torch.device("cpu"),
                  reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.cpu(),
-                 after_epoch: Callable[[dict], None] = lambda record: None) -> list[dict]:
+                 after_epoch: Callable[[dict], None] = lambda record: None,
+                 after_step: Callable[[int, int], None] | None = None) -> list[dict]:
     """The loop every worker runs, and the plain baseline too: epochs `start_epoch`..cfg.epochs over the
     batches `batches_of_epoch(epoch)` gives, each ending in a record (loss, accuracy, images/s, elapsed,
     seconds this rank waited for data) of the totals `reduce` sums over the ranks, handed to `after_epoch`
@@ -149,7 +155,7 @@ def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Ba
     started, records = time.perf_counter(), []
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.perf_counter()
-        totals, waited = train_epoch(learner, batches_of_epoch(epoch), epoch, cfg, rank, device)
+        totals, waited = train_epoch(learner, batches_of_epoch(epoch), epoch, cfg, rank, device, after_step)
         loop_s = time.perf_counter() - epoch_started
         loss_sum, correct, count = reduce(totals).tolist()
         seconds = time.perf_counter() - epoch_started

@@ -13,12 +13,15 @@ Ray Train keeps only the latest checkpoints (and their metrics), the history is 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import ray
+import ray.data
+import ray.exceptions
 import ray.train
 import ray.train.torch
 import torch
@@ -28,12 +31,12 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from clf import checkpoint as ckpt
-from clf import runtime, storage
+from clf import console, runtime, storage
 from clf.config import TrainConfig
 from clf.data import TrainingData
 from clf.errors import ClfError, ConfigError
 from clf.runtime import TrainPlan
-from clf.train import Learner, array_batches, make_learner, new_model, train_epochs
+from clf.train import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
 
 # The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
 RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
@@ -55,6 +58,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
+    board = loop_config["progress"]
     images, labels = take_shard(ray.train.get_dataset_shard("train"))
 
     model, state = new_model(cfg, len(classes)), None
@@ -64,7 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model, _ = ckpt.load_model(folder)
             state = ckpt.load_train_state(folder)
         if rank == 0:
-            _say(f"resumed from the checkpoint after epoch {state['epoch']}")
+            board.note.remote(f"resumed from the checkpoint after epoch {state['epoch']}")
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world_size > 1
     learner = make_learner(cfg, model, num_train, state)
     start_epoch = state["epoch"] if state else 0
@@ -76,9 +80,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         record |= {"resumed_from_epoch": start_epoch, "workers": world_size, "nodes": nodes}
         history.append(record)
         _report(record, learner, history, rank, cfg, classes, loop_config["identity"])
+        if rank == 0:
+            board.epoch_done.remote(record)
 
     train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, num_train), cfg,
-                 start_epoch=start_epoch, rank=rank, device=device, reduce=_all_reduce, after_epoch=report)
+                 start_epoch=start_epoch, rank=rank, device=device, reduce=_all_reduce, after_epoch=report,
+                 after_step=_StepsSent(board, steps_per_epoch(num_train, cfg.batch_size)) if rank == 0 else None)
 
 
 def take_shard(shard) -> tuple[np.ndarray, np.ndarray]:
@@ -117,11 +124,6 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
     if rank != 0:
         ray.train.report(record)
         return
-    _say(
-        f"epoch {record['epoch']}/{cfg.epochs}  loss {record['loss']:.4f}  "
-        f"train accuracy {record['accuracy']:.4f}  {record['images_per_s']:,.0f} images/s  "
-        f"{record['elapsed_s']:.1f} s"
-    )
     with tempfile.TemporaryDirectory(prefix="clf-ckpt-") as folder:
         train_state = {
             "optimizer": learner.optimizer.state_dict(),
@@ -134,11 +136,79 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _say(line: str) -> None:
-    """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Ray Train's
-    patched print() would echo it twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+@ray.remote(num_cpus=0, max_restarts=0)
+class EpochProgress:
+    """Where rank 0 leaves how far its epoch is, each epoch's record and its notes, for the driver to print:
+    the driver prints every line of the job (Ray's forwarding of worker output is off by default, and
+    would prefix each line with the worker's name)."""
+
+    def __init__(self):
+        self.step, self.records, self.notes = (0, 0, 0), [], []
+
+    def at(self, epoch: int, steps: int, total: int) -> None:
+        self.step = (epoch, steps, total)
+
+    def epoch_done(self, record: dict) -> None:
+        self.records.append(record)
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+
+    def read(self, records_seen: int, notes_seen: int) -> tuple[tuple[int, int, int], list[dict], list[str]]:
+        return self.step, self.records[records_seen:], self.notes[notes_seen:]
+
+
+class _StepsSent:
+    """Rank 0's steps to the board, at most twice a second (a call that does not wait, ~0.1 ms)."""
+
+    def __init__(self, board, steps: int, every_s: float = 0.5):
+        self.board, self.steps, self.every_s, self.last = board, steps, every_s, 0.0
+
+    def __call__(self, epoch: int, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.board.at.remote(epoch, done, self.steps)
+
+
+def _show_progress(board, cfg: TrainConfig, num_train: int, stop: threading.Event) -> None:
+    """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one
+    line for each epoch done."""
+    progress, shown, finished, seen = None, -1, 0, (0, 0)
+    while True:
+        stopping = stop.wait(0.5)  # once set: the last records, then done
+        try:
+            (epoch, steps, total), records, notes = ray.get(board.read.remote(*seen), timeout=10)
+        except ray.exceptions.RayError:  # GetTimeoutError included: progress is not worth a failure
+            break
+        seen = (seen[0] + len(records), seen[1] + len(notes))
+        for line in notes:
+            (progress.write if progress is not None else _print)(line)
+        for record in records:
+            if progress is not None and record["epoch"] == shown + 1:
+                progress.close()
+                progress = None
+            finished = max(finished, record["epoch"])
+            _print(epoch_line(record, cfg.epochs))
+        if stopping:
+            break
+        if total and epoch + 1 > finished:  # (0-based) epoch `epoch` under way
+            if shown != epoch:
+                if progress is not None:
+                    progress.close()
+                progress, shown = console.Progress(f"epoch {epoch + 1}/{cfg.epochs}", num_train, "images"), epoch
+            progress.update(min(num_train, num_train * steps // total) - progress.done)
+    if progress is not None:
+        progress.close()
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train accuracy {record['accuracy']:.4f}, "
+            f"{record['images_per_s']:,.0f} images/s, {record['elapsed_s']:.1f} s")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
 
 
 # --- On the driver ---------------------------------------------------------------------------------------
@@ -221,14 +291,21 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     """Train with a TorchTrainer on the connected Ray cluster, as `plan` says. `listing`: the identity of the
     listing the data was read from (default: the data's own), kept in each checkpoint for a resume."""
     runtime.prepare_fit()
+    board, stop = EpochProgress.remote(), threading.Event()
+    shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, stop), daemon=True)
+    shower.start()
     with runtime.ctrl_c_kept():
         try:
-            result = _trainer(cfg, plan, data, listing or data.identity).fit()
+            result = _trainer(cfg, plan, data, listing or data.identity, board).fit()
         except Exception as e:
             failure = runtime.training_failure(e)
             if failure is e:
                 raise  # a bug of ours: its traceback, and the worker's in Ray's message
             raise failure from None
+        finally:
+            stop.set()
+            shower.join()
+            ray.kill(board)
     if result.checkpoint is None:
         raise ClfError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
@@ -239,14 +316,17 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
 def in_order_ingest() -> ExecutionOptions:
     """Ray Train's ingest options, with the rows kept in the Dataset's order: its equal split then deals
     the same rows to the same ranks every run (Ray Data 2.60 drops the locality hints that would make it
-    depend on timing). The cost is locality: a shard's blocks may come from another node, once per run."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    depend on timing). The cost is locality: a shard's blocks may come from another node, once per run.
+    (Made here, not from `DataConfig.default_ingest_options()`, which passes Ray Data a deprecated option
+    and warns in every run.)"""
+    current = ray.data.DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
-def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str) -> TorchTrainer:
+def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board) -> TorchTrainer:
     loop_config = {
+        "progress": board,
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
         "classes": data.classes,

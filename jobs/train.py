@@ -20,7 +20,7 @@ from clf.config import TrainConfig  # noqa: E402
 def train(cfg: TrainConfig) -> str:
     from clf import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
 
-    return f"outputs in {pipeline.run(cfg).output}"
+    return f"outputs in {pipeline.run(cfg).output}: report.html (the run's report), metrics.json, predictions.parquet, checkpoint/"
 
 
 def main(argv=None) -> int:

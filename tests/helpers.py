@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import re
 import struct
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,9 +15,6 @@ from clf import data
 ROOT = Path(__file__).resolve().parent.parent
 
 # The epoch table a training run prints at its end: its header and its first row.
-EPOCH_TABLE = re.compile(r"^epoch +loss +train accuracy +images/s +elapsed s\n +1 ", re.MULTILINE)
-
-
 def real_subset(real: data.FashionMNIST, n: int, seed: int) -> data.Split:
     """`n` training images of the real data, drawn at random with `seed`."""
     keep = np.random.default_rng(seed).permutation(len(real.train.labels))[:n]

@@ -5,6 +5,7 @@ Data and streamed to the training workers; evaluated and tagged with the store's
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from clf.errors import ConfigError
 from clf.runtime import TrainPlan
 from clf.trainer import fit
 from tests.catalog import STORE_CLASSES, write_broken_into_classes, write_labelled_catalog
+from tests.console_lines import EPOCH, check_only_ours
 from tests.helpers import ROOT
 from tests.faults import worker_killed_after_first_checkpoint
 
@@ -95,18 +97,21 @@ def shop(real_data, tmp_path_factory):
     return root, broken, new
 
 
-def train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def train_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
 def folder_run(shop, tmp_path_factory):
     root, _, _ = shop
     out = tmp_path_factory.mktemp("runs") / "folder"
+    # A progress line every 0.2 s where the output is not a terminal (as here), not every 10: the phases of
+    # this small run take seconds.
     proc = train_cli("--train-data", str(root / "catalog"), "--epochs", "3", "--batch-size", "32", "--output", str(out),
-                     "--storage-path", str(out.parent / "storage"))
+                     "--storage-path", str(out.parent / "storage"), env={"CLF_PROGRESS_EVERY_S": "0.2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -121,6 +126,14 @@ def test_trains_on_the_catalog_and_lists_exactly_the_broken_files(shop, folder_r
     for name, word in broken.items():
         assert word in skipped[name]
     assert f"skipped {len(broken)} file(s) that cannot be read" in log
+
+    # Only our lines; progress lines while the photos are read (the output is not a terminal); words for
+    # photos, not test images, in the console and the report.
+    lines = check_only_ours(log, at_most=60)
+    assert any(line.startswith("reading photos: ") for line in lines), lines
+    assert sum(bool(EPOCH.fullmatch(line)) for line in lines) == 3  # a line an epoch
+    assert f"accuracy {metrics['accuracy']:.4f} over {metrics['count']} evaluation photos" in lines
+    assert "test images" not in log and "test images" not in (out / "report.html").read_text()
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     rows = pd.read_parquet(out / "predictions.parquet")
     assert list(rows.columns) == ["id", "path", "label", "prediction", "confidence"]

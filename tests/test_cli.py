@@ -12,6 +12,7 @@ import pytest
 from clf import cli
 from clf.config import TagConfig, TrainConfig
 from clf.errors import ConfigError
+from tests.console_lines import check_only_ours
 from tests.helpers import ROOT, make_dataset_dir
 
 TRAIN = str(ROOT / "jobs" / "train.py")
@@ -164,7 +165,9 @@ def test_ray_that_fails_to_start_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_finished_job_leaves_no_ray_process(tmp_path):
+def test_a_finished_job_prints_only_its_own_lines_and_leaves_no_ray_process(tmp_path):
+    # The default job (on a small made-up dataset, for one epoch): every console line one of ours, 6 of them
+    # (none of Ray's: its start, Ray Data's and Ray Train's lines, its C++ core's error line for pool actors).
     # jobs/*.py end with cli.exit_now, which skips the interpreter's teardown (and Ray's atexit hook): Ray must
     # have been stopped before.
     out = tmp_path / "run"
@@ -184,7 +187,9 @@ def test_a_finished_job_leaves_no_ray_process(tmp_path):
         time.sleep(0.5)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-3000:]
-    assert stdout.strip().splitlines()[-1] == f"outputs in {out}"
+    assert stdout.strip().splitlines()[-1].startswith(f"outputs in {out}: report.html")
+    lines = check_only_ours(stdout + stderr, at_most=6)
+    assert [line.split()[0] for line in lines] == ["run", "training", "epoch", "accuracy", "weakest", "outputs"]
     assert (out / "metrics.json").exists()
     assert {"raylet", "gcs_server"} <= names  # the embedded Ray was seen running
     time.sleep(1)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tests.catalog import write_broken, write_catalog
-from tests.helpers import EPOCH_TABLE, ROOT
+from tests.console_lines import EPOCH, check_only_ours
+from tests.helpers import ROOT
 from tests.ray_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -30,12 +31,23 @@ def submitted(cluster, tmp_path_factory):
     return out, proc.returncode, proc.stdout + proc.stderr
 
 
+def job_part(log: str) -> str:
+    """What the job printed, without the lines `ray job submit` prints around it."""
+    lines = log.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Tailing logs until the job exits")) + 1
+    end = max(i for i, line in enumerate(lines) if line.startswith("-----"))
+    return "\n".join(lines[start:end])
+
+
 def test_job_submit_trains_and_writes_outputs_where_asked(cluster, submitted):
     out, returncode, log = submitted
     assert returncode == 0, log[-3000:]
     assert "succeeded" in log
-    assert EPOCH_TABLE.search(log)
-    assert "accuracy 0." in log and f"outputs in {out}" in log
+    # The job's part of the log (between what `ray job submit` prints before and after it): our lines only,
+    # the same as on a console.
+    lines = check_only_ours(job_part(log), at_most=8)
+    assert any(EPOCH.fullmatch(line) for line in lines)
+    assert "accuracy 0." in log and f"outputs in {out}: report.html" in log
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.85

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from clf.config import TagConfig
 from clf.errors import ConfigError
 from clf import photos
 from clf.tagging.pipeline import COLUMNS, list_inputs
+from tests.console_lines import check_only_ours
 from tests.helpers import ROOT
 
 TAG = str(ROOT / "jobs" / "tag.py")
@@ -169,18 +171,23 @@ def shop(real_data, tmp_path_factory):
     return folder, ids, paths, broken
 
 
-def run_tag(*args, timeout=600):
-    return subprocess.run([sys.executable, TAG, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_tag(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, TAG, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.slow
 def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real_data, tmp_path):
     folder, ids, paths, broken = shop
     out = tmp_path / "tags"
+    # A progress line every 0.2 s where the output is not a terminal (as here), not every 10 s.
     proc = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(folder / "photos"),
-                   "--output", str(out))
+                   "--output", str(out), env={"CLF_PROGRESS_EVERY_S": "0.2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tags.parquet"]  # written by the driver
+    # Only our lines: the plan, progress (two blocks of 256 at least), the summary with its 10-row table.
+    lines = check_only_ours(proc.stdout + proc.stderr, at_most=30)
+    assert any(line.startswith("tagging: ") for line in lines), lines
     rows = pd.read_parquet(out / "tags.parquet")
     assert list(rows.columns) == COLUMNS
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from clf import checkpoint as ckpt
-from clf import runtime, storage
+from clf import console, runtime, storage
 from clf.catalog import read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
@@ -46,7 +46,6 @@ COLUMNS = [
     *(f"top{k}{part}" for k in range(1, TOP_K + 1) for part in ("", "_prob")),
     "needs_review", "error",
 ]
-PROGRESS_EVERY_S = 10.0
 # Written last into the output: an output without it is incomplete.
 SUMMARY = "summary.json"
 
@@ -147,7 +146,7 @@ def run(cfg: TagConfig) -> TagResult:
     ckpt.build(model)
     paths = list_inputs(cfg.input)
     with storage.staged_output(cfg.output, last=SUMMARY) as staging:
-        runtime.connect()
+        runtime.connect(cfg.ray_logs)
         cluster = runtime.cluster_nodes()
         plan = runtime.plan_tagging(cfg, cluster, len(paths))
         local = [path for path in (storage.local_path(p) for p in paths if p) if path]
@@ -158,12 +157,14 @@ def run(cfg: TagConfig) -> TagResult:
         result = TagResult(cfg.output)
         parts = staging / ".parts"
         parts.mkdir()
-        for predicted in _each_input_once(_tag(cfg, plan, paths, model), len(paths), started):
-            rows = to_rows(predicted, model.classes, cfg.review_threshold)
-            if not result.first_batch_files:
-                result.first_batch_s, result.first_batch_files = time.perf_counter() - started, len(rows)
-            _write_part(parts, rows)
-            result.count(rows)
+        with console.Progress("tagging", len(paths), "files") as progress:
+            for predicted in _each_input_once(_tag(cfg, plan, paths, model), len(paths)):
+                rows = to_rows(predicted, model.classes, cfg.review_threshold)
+                if not result.first_batch_files:
+                    result.first_batch_s, result.first_batch_files = time.perf_counter() - started, len(rows)
+                _write_part(parts, rows)
+                result.count(rows)
+                progress.update(len(rows))
         _join_parts(parts, staging / cfg.tags_name, cfg.format)
         result.seconds = time.perf_counter() - started
         (staging / SUMMARY).write_text(json.dumps(summary_record(result, cfg, model), indent=2) + "\n")
@@ -183,10 +184,10 @@ def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], model: ckpt.ModelFil
     return predict(prepared, model, plan, None, top_k=TOP_K)
 
 
-def _each_input_once(tagged: ray.data.Dataset, count: int, started: float):
-    """The rows, block by block as they come back (in any order), with a progress line now and then;
-    exactly one row per input, checked at the end: never a result that looks complete and is not."""
-    runs, done, last_report = [], 0, time.perf_counter()
+def _each_input_once(tagged: ray.data.Dataset, count: int):
+    """The rows, block by block as they come back (in any order); exactly one row per input, checked at the
+    end: never a result that looks complete and is not."""
+    runs, done = [], 0
     for rows in tagged.iter_batches(batch_size=None, batch_format="pandas"):
         index = rows["index"].to_numpy()
         if not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
@@ -194,9 +195,6 @@ def _each_input_once(tagged: ray.data.Dataset, count: int, started: float):
         runs.append((int(index[0]), len(index)))
         done += len(rows)
         yield rows
-        if time.perf_counter() - last_report > PROGRESS_EVERY_S:
-            last_report = time.perf_counter()
-            print(f"  {done:,} of {count:,} files ({done / (last_report - started):,.0f} files/s)", flush=True)
     expected = 0
     for start, length in sorted(runs):
         if start != expected:
