@@ -85,14 +85,14 @@ def run_job(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, fl
     return done, time.perf_counter() - started, peak
 
 
-def tag_listing(folder: Path, rows: int, tmp: Path, env: dict) -> tuple[dict, float, int]:
+def tag_listing(folder: Path, rows: int, tmp: Path, env: dict, name: str) -> tuple[dict, float, int]:
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
     listing = tmp / f"listing-{rows}.parquet"
     pd.DataFrame({"path": (files * (rows // len(files) + 1))[:rows]}).to_parquet(listing)
     checkpoint = tmp / "checkpoint"
     if not checkpoint.exists():
         subprocess.run([PY, "-m", "tests.programs", "untrained-checkpoint", str(checkpoint)], cwd=ROOT, check=True)
-    out = tmp / f"tags-{rows}"
+    out = tmp / f"tags-{name}"
     _, wall, peak = run_job(["jobs/tag.py", "--checkpoint", str(checkpoint), "--input", str(listing),
                              "--output", str(out)], env)
     return json.loads((out / "summary.json").read_text()), wall, peak
@@ -142,7 +142,7 @@ def main() -> None:
             figures["pass_folder"].append(rate)
             rate, _ = train_pass(listing, len(listed), tmp, env, f"listing-{repeat}")
             figures["pass"].append(rate)
-            summary, wall, peak = tag_listing(folder, len(listed), tmp, env)
+            summary, wall, peak = tag_listing(folder, len(listed), tmp, env, f"{len(listed)}-{repeat}")
             first = summary["first_batch"]
             figures["tag_after"].append((summary["files"] - first["files"]) / (summary["seconds"] - first["seconds"]))
             figures["tag_all"].append(summary["files"] / summary["seconds"])
@@ -161,7 +161,7 @@ def main() -> None:
         print(f"  evaluation accuracy of the last training run on the photos themselves (1 epoch): "
               f"{m['accuracy']:.4f} on {m['count']:,}")
         for rows in args.memory_rows:
-            summary, wall, peak = tag_listing(folder, rows, tmp, env)
+            summary, wall, peak = tag_listing(folder, rows, tmp, env, str(rows))
             print(f"jobs/tag.py, a listing of {rows:,} rows: driver peak {peak / 2**30:.2f} GiB "
                   f"({summary['files'] / summary['seconds']:,.0f} photos/s, whole process {wall:.0f} s)")
 
