@@ -75,6 +75,11 @@ class TrainingData:
     skipped: list[dict] = field(default_factory=list)  # files left out: {"path", "reason"}
     eval_name: str = "test images"  # what the evaluation rows are, for people
 
+    @property
+    def unit(self) -> str:
+        """What one row is, for people: images (Fashion-MNIST) or photos (a catalog)."""
+        return self.eval_name.split()[-1]
+
 
 @dataclass(frozen=True)
 class FashionMNIST:

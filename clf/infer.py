@@ -79,7 +79,7 @@ def evaluate(model: ModelFiles, data: TrainingData, plan: InferPlan, batch_size:
     """Tag every evaluation image with the Ray Data predictor; rows (id, label, prediction, confidence, and
     path for photos) in id order."""
     parts = []
-    with console.Progress("evaluating", len(data.eval_rows), data.eval_name.split()[-1]) as progress:
+    with console.Progress("evaluating", len(data.eval_rows), data.unit) as progress:
         for part in predict(data.eval_dataset(), model, plan, batch_size).iter_batches(batch_size=None,
                                                                                        batch_format="pandas"):
             parts.append(part)

@@ -131,7 +131,7 @@ def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, train
     for line in (
         training.skipped and f"skipped {len(training.skipped):,} file(s) that cannot be read "
         f"({report.reasons(s['reason'] for s in training.skipped)}): listed in metrics.json",
-        f"training on {training.num_train:,} images of {len(training.classes)} classes from {training.source}: "
+        f"training on {training.num_train:,} {training.unit} of {len(training.classes)} classes from {training.source}: "
         f"{plan.describe()}, {cfg.epochs} epoch(s)",
         plan.waits_for_nodes and f"waiting for the autoscaler to add nodes: {cluster.describe()} are up, too few "
         f"for {plan.describe()} (at least {plan.min_workers}); Ray Train tries to place them for about "

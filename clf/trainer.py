@@ -171,7 +171,7 @@ class _StepsSent:
             self.board.at.remote(epoch, done, self.steps)
 
 
-def _show_progress(board, cfg: TrainConfig, num_train: int, stop: threading.Event) -> None:
+def _show_progress(board, cfg: TrainConfig, num_train: int, unit: str, stop: threading.Event) -> None:
     """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one
     line for each epoch done."""
     progress, shown, finished, seen = None, -1, 0, (0, 0)
@@ -189,22 +189,22 @@ def _show_progress(board, cfg: TrainConfig, num_train: int, stop: threading.Even
                 progress.close()
                 progress = None
             finished = max(finished, record["epoch"])
-            _print(epoch_line(record, cfg.epochs))
+            _print(epoch_line(record, cfg.epochs, unit))
         if stopping:
             break
         if total and epoch + 1 > finished:  # (0-based) epoch `epoch` under way
             if shown != epoch:
                 if progress is not None:
                     progress.close()
-                progress, shown = console.Progress(f"epoch {epoch + 1}/{cfg.epochs}", num_train, "images"), epoch
+                progress, shown = console.Progress(f"epoch {epoch + 1}/{cfg.epochs}", num_train, unit), epoch
             progress.update(min(num_train, num_train * steps // total) - progress.done)
     if progress is not None:
         progress.close()
 
 
-def epoch_line(record: dict, epochs: int) -> str:
+def epoch_line(record: dict, epochs: int, unit: str = "images") -> str:
     return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train accuracy {record['accuracy']:.4f}, "
-            f"{record['images_per_s']:,.0f} images/s, {record['elapsed_s']:.1f} s")
+            f"{record['images_per_s']:,.0f} {unit}/s, {record['elapsed_s']:.1f} s")
 
 
 def _print(line: str) -> None:
@@ -292,7 +292,7 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     listing the data was read from (default: the data's own), kept in each checkpoint for a resume."""
     runtime.prepare_fit()
     board, stop = EpochProgress.remote(), threading.Event()
-    shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, stop), daemon=True)
+    shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, data.unit, stop), daemon=True)
     shower.start()
     with runtime.ctrl_c_kept():
         try:

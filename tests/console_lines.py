@@ -8,7 +8,7 @@ import re
 N = r"[\d,]+"  # 1,234
 X = r"[\d.]+"  # 0.9111
 PROGRESS = re.compile(rf"(reading photos|evaluating|tagging|epoch \d+/\d+): {N}/{N} \w+ \(\d+%\), \S+ \w+/s, \S+ left")
-EPOCH = re.compile(rf"epoch \d+/\d+: loss {X}, train accuracy {X}, {N} images/s, {X} s")
+EPOCH = re.compile(rf"epoch \d+/\d+: loss {X}, train accuracy {X}, {N} (images|photos)/s, {X} s")
 
 OURS = [re.compile(p) for p in (
     # training
@@ -17,7 +17,7 @@ OURS = [re.compile(p) for p in (
     r"(training )?resumed from the checkpoint after epoch \d+",
     rf"skipped {N} file\(s\) that cannot be read \(.+\): listed in metrics\.json",
     rf"read {N} photos in {X} s",
-    rf"training on {N} images of \d+ classes from .+: .+, \d+ epoch\(s\)",
+    rf"training on {N} (images|photos) of \d+ classes from .+: .+, \d+ epoch\(s\)",
     EPOCH.pattern,
     PROGRESS.pattern,
     rf"accuracy {X} over {N} (test images|evaluation photos)",
