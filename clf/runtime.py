@@ -77,7 +77,7 @@ def connect(ray_logs: bool = False) -> None:
     quiet = console.quiet_ray(ray_logs)
     try:
         if address:
-            ray.init(address=address, **({"log_to_driver": True} | quiet))
+            ray.init(address=address, **quiet)
         else:
             # "local" even when a `ray start` cluster runs on this machine: joining one is asked for
             # explicitly, with RAY_ADDRESS.

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from clf import checkpoint as ckpt
 from clf import console, runtime, storage
@@ -291,7 +292,9 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     """Train with a TorchTrainer on the connected Ray cluster, as `plan` says. `listing`: the identity of the
     listing the data was read from (default: the data's own), kept in each checkpoint for a resume."""
     runtime.prepare_fit()
-    board, stop = EpochProgress.remote(), threading.Event()
+    # On the driver's node, which lives as long as the run: a worker node may be lost.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    board, stop = EpochProgress.options(scheduling_strategy=here).remote(), threading.Event()
     shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, data.unit, stop), daemon=True)
     shower.start()
     with runtime.ctrl_c_kept():
