@@ -1,8 +1,9 @@
 """What a person sees while a job runs: our own lines, and progress on every phase that takes a while.
 
 `Progress` is a live tqdm line on a terminal (count, rate, time left); where the output is not a terminal
-(`ray job submit`'s log, CI) it is the same figures as a plain line every PROGRESS_EVERY_S seconds and one
-at the end, never a line per batch. `quiet_ray` turns Ray's own console lines off (its start, Ray Data's
+(`ray job submit`'s log, CI) it is the same figures as a plain line every PROGRESS_EVERY_S seconds that the
+phase lasts, never a line per batch; either way the phase's own line (read N photos, an epoch's loss, the
+tagging summary) says where it ended. `quiet_ray` turns Ray's own console lines off (its start, Ray Data's
 execution lines and warnings, what Ray's worker processes print); `--ray-logs` keeps them. Ray still writes
 all of it to its log files (/tmp/ray/session_latest/logs).
 """
