@@ -130,10 +130,9 @@ class Catalog:
         # (a window of a few batches), so blocks in listing order would make batches of one class each.
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
         rows = frame[["id", "path", "label"]]
-        blocks = [rows.iloc[i:i + PHOTOS_PER_BLOCK] for i in range(0, len(rows), PHOTOS_PER_BLOCK)]
         with console.Progress("reading photos", len(rows), "photos") as progress:
-            read = runtime.materialize(in_order(runtime.whole_cluster(ray.data.from_pandas(blocks).map_batches(
-                photos.read_photos, batch_size=None, batch_format="numpy"))), progress)
+            read = runtime.materialize(in_order(runtime.whole_cluster(read_in_blocks(rows, PHOTOS_PER_BLOCK))),
+                                       progress)
         outcome = read.select_columns(["id", "error", "size"]).to_pandas().set_index("id")
         frame["error"], frame["size"] = frame["id"].map(outcome["error"]), frame["id"].map(outcome["size"])
         skipped = self._check_readable(frame)
@@ -183,6 +182,13 @@ def _only(dataset: ray.data.Dataset, ids: np.ndarray) -> ray.data.Dataset:
 
     return in_order(dataset.map_batches(keep, batch_format="numpy")).materialize()
 
+
+def read_in_blocks(rows: pd.DataFrame, per_block: int, **remote_args) -> ray.data.Dataset:
+    """The photos of `rows` (a `path` column; the others pass through) read and converted by Ray Data
+    (`photos.read_photos`), a task to each block of `per_block` consecutive rows; the blocks stay whole."""
+    blocks = [rows.iloc[i:i + per_block] for i in range(0, len(rows), per_block)]
+    return ray.data.from_pandas(blocks).map_batches(photos.read_photos, batch_size=None, batch_format="numpy",
+                                                    **remote_args)
 
 
 def open_catalog(cfg: TrainConfig) -> Catalog:

@@ -189,37 +189,38 @@ def _default_cpu_worker(nodes) -> int:
     return next(size for size in sizes if size * holds(nodes, size) * 4 >= best * 3)
 
 
-def plan_training(cfg: TrainConfig, cluster: Cluster) -> TrainPlan:
-    """Workers and CPUs each, from the settings and the cluster's nodes; refuses what cannot fit, and
-    waits (a bounded wait: Ray Train's placement tries) only where an autoscaler can add what is missing."""
-    nodes, largest = list(cluster.nodes), cluster.largest()
-    if not any(n.cpus for n in largest):
-        raise ConfigError(f"the Ray cluster has no CPU for the training workers ({cluster.describe()})")
-    # Sized on the nodes that are up; where none of them has a CPU (a KubeRay head with num-cpus 0 beside
-    # worker groups scaled to zero), on what the autoscaler may add.
+def _worker_size(cfg: TrainConfig, nodes: list[Node], largest: list[Node]) -> tuple[int, int]:
+    """(workers, CPUs each) from the settings, sized on the nodes that are up; where none of them has a CPU
+    (a KubeRay head with num-cpus 0 beside worker groups scaled to zero), on what the autoscaler may add."""
     cpus_up = any(n.cpus for n in nodes)
     sizing = nodes if cpus_up else largest
-    gpus = 1 if cfg.use_gpu else 0
     if cfg.use_gpu:
         if not any(n.gpus for n in largest):
             raise ConfigError(
                 "--use-gpu was given but the Ray cluster has no GPU (and no autoscaler that can add one)"
             )
         # The GPU does the arithmetic; a thread or two keeps it fed from the in-memory shard.
-        cpus_per_worker = cfg.cpus_per_worker or 1
-        num_workers = cfg.num_workers or max(1, sum(n.gpus for n in nodes))
-    elif cfg.cpus_per_worker:
-        cpus_per_worker = cfg.cpus_per_worker
-        num_workers = cfg.num_workers or max(1, holds(nodes, cpus_per_worker))
-    elif cfg.num_workers:
-        num_workers = cfg.num_workers
-        fitting = [c for c in range(1, max(n.cpus for n in sizing) + 1) if holds(sizing, c) >= num_workers]
-        cpus_per_worker = max(fitting, default=1)
-    elif cpus_up:
+        return cfg.num_workers or max(1, sum(n.gpus for n in nodes)), cfg.cpus_per_worker or 1
+    if cfg.cpus_per_worker:
+        return cfg.num_workers or max(1, holds(nodes, cfg.cpus_per_worker)), cfg.cpus_per_worker
+    if cfg.num_workers:
+        fitting = [c for c in range(1, max(n.cpus for n in sizing) + 1) if holds(sizing, c) >= cfg.num_workers]
+        return cfg.num_workers, max(fitting, default=1)
+    if cpus_up:
         cpus_per_worker = _default_cpu_worker(nodes)
-        num_workers = holds(nodes, cpus_per_worker)
-    else:  # nothing to size on but what may come: one worker, on the largest node the autoscaler may add
-        cpus_per_worker, num_workers = max(n.cpus for n in largest), 1
+        return holds(nodes, cpus_per_worker), cpus_per_worker
+    # Nothing to size on but what may come: one worker, on the largest node the autoscaler may add.
+    return 1, max(n.cpus for n in largest)
+
+
+def plan_training(cfg: TrainConfig, cluster: Cluster) -> TrainPlan:
+    """Workers and CPUs each, from the settings and the cluster's nodes; refuses what cannot fit, and
+    waits (a bounded wait: Ray Train's placement tries) only where an autoscaler can add what is missing."""
+    nodes, largest = list(cluster.nodes), cluster.largest()
+    if not any(n.cpus for n in largest):
+        raise ConfigError(f"the Ray cluster has no CPU for the training workers ({cluster.describe()})")
+    gpus = 1 if cfg.use_gpu else 0
+    num_workers, cpus_per_worker = _worker_size(cfg, nodes, largest)
     min_workers = cfg.min_workers or num_workers
     if min_workers > num_workers:
         raise ConfigError(f"--min-workers {min_workers} is more than the {num_workers} workers of the run")

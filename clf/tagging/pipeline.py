@@ -32,13 +32,12 @@ import ray.data
 
 from clf import checkpoint as ckpt
 from clf import console, runtime, storage
-from clf.catalog import read_listing
+from clf.catalog import read_in_blocks, read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
 from clf.report import provenance, reason_counts, text_table
 from clf.runtime import InferPlan
-from clf import photos
 
 TOP_K = 3
 COLUMNS = [
@@ -177,10 +176,7 @@ def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], model: ckpt.ModelFil
     (`index`), and stays whole to the end. The rows of tags are made by the driver as blocks arrive: as a
     task of its own, that cheap step waited for a CPU the actors held, and every block with it."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
-    blocks = [listing.iloc[i:i + cfg.batch_size] for i in range(0, len(listing), cfg.batch_size)]
-    prepared = ray.data.from_pandas(blocks).map_batches(
-        photos.read_photos, batch_size=None, batch_format="numpy", num_cpus=plan.cpus_per_actor or 1
-    )
+    prepared = read_in_blocks(listing, cfg.batch_size, num_cpus=plan.cpus_per_actor or 1)
     return predict(prepared, model, plan, None, top_k=TOP_K)
 
 
