@@ -1,6 +1,7 @@
 """The baseline: the same model, batch size, epochs, optimizer, schedule and epoch loop as `jobs/train.py`
 (clf.train's own functions, not a copy), in one plain PyTorch process (no Ray), then prediction over the
-test set. Prints one JSON line of figures.
+test set. Prints one JSON line of figures, with the moments of the process (unix seconds) for a side by side
+with the Ray run's phases.
 
     python benchmarks/plain_torch.py [--epochs 2] [--seed 0]
 """
@@ -17,6 +18,7 @@ STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from clf import data, metrics  # noqa: E402
@@ -24,10 +26,19 @@ from clf.config import TrainConfig  # noqa: E402
 from clf.train import Learner, array_batches, make_learner, new_model, train_epochs  # noqa: E402
 
 
-def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split) -> tuple[Learner, list[dict]]:
-    """The worker's loop as rank 0 of 1 (the Ray path's batches, in its order): the learner and the history."""
+def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split,
+          moments: dict | None = None) -> tuple[Learner, list[dict]]:
+    """The worker's loop as rank 0 of 1 (the Ray path's batches, in its order): the learner and the history.
+    `moments`, if given, gets the unix times of the first and the last optimizer step."""
     learner = make_learner(cfg, model, len(split.labels))
-    history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, len(split.labels)), cfg)
+
+    def after_step(epoch: int, done: int) -> None:
+        if moments is not None:
+            moments["last_step"] = time.time()
+            moments.setdefault("first_step", moments["last_step"])
+
+    history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, len(split.labels)),
+                           cfg, after_step=after_step)
     return learner, history
 
 
@@ -47,18 +58,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     args = p.parse_args()
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
+    moments = {"process": psutil.Process().create_time(), "imported": time.time()}
 
     dataset = data.load()
+    moments["data_loaded"] = time.time()
     # Training starts with the model and its optimizer, as in the Ray worker (building the first optimizer
-    # of a process imports torch._dynamo: about a second).
+    # of a process imports torch._dynamo).
     train_started = time.perf_counter()
-    learner, history = train(cfg, new_model(cfg, len(data.CLASSES)), dataset.train)
+    learner, history = train(cfg, new_model(cfg, len(data.CLASSES)), dataset.train, moments)
     train_s = time.perf_counter() - train_started
 
     infer_started = time.perf_counter()
     predictions = predict(learner.model, dataset.test.images, cfg.infer_batch_size)
     infer_s = time.perf_counter() - infer_started
     scores = metrics.compute(dataset.test.labels, predictions, len(data.CLASSES))
+    moments["evaluated"] = time.time()
     print(json.dumps({
         "train_s": train_s,
         "infer_s": infer_s,
@@ -66,6 +80,7 @@ def main() -> None:
         "accuracy": scores.accuracy,
         "history": history,
         "threads": torch.get_num_threads(),
+        "moments": moments,
     }))
 
 

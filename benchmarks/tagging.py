@@ -38,13 +38,13 @@ def plain(checkpoint_dir: str, images: np.ndarray, batch_size: int) -> float:
 def with_ray(checkpoint_dir: str, split: data.Split, cfg: TrainConfig) -> dict:
     """Images/s from the call to the last row (actor start-up included: it is part of every tagging run),
     and, apart, the seconds until the first batch came back and the rate after it."""
-    from clf import runtime
+    from clf import plan, runtime
     from clf.infer import predict
 
     runtime.connect()
-    plan = runtime.plan_inference(cfg, runtime.cluster_nodes(), len(split.labels))  # the actors the job would use
+    pool = plan.plan_inference(cfg, runtime.cluster_nodes(), len(split.labels))  # the actors the job would use
     started = time.perf_counter()
-    tagged = predict(data.to_ray_dataset(split), checkpoint.read(checkpoint_dir), plan, cfg.infer_batch_size)
+    tagged = predict(data.to_ray_dataset(split), checkpoint.read(checkpoint_dir), pool, cfg.infer_batch_size)
     count, first = 0, None
     for batch in tagged.iter_batches(batch_size=None):
         count += len(batch["prediction"])

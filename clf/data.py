@@ -1,4 +1,4 @@
-"""Fashion-MNIST: where it is found, how it is read, how images become model input, and Ray Datasets.
+"""Fashion-MNIST: where it is found, how it is read, how images become model input; rows as Ray data.
 
 The four original idx files are read with numpy. `preprocess()` is the one preprocessing: the training
 loop, the test-set predictor and photo tagging all call it.
@@ -67,7 +67,7 @@ class TrainingData:
     classes: list[str]
     source: str  # where it was read from, for people
     identity: str  # what a resumed run must find again: a name, or a digest of the files
-    train: Any  # a Ray Dataset of decoded rows (id, label, image, ...) in a fixed order
+    train: Blocks  # the decoded training rows (id, label, image, ...) in Ray's object store, in a fixed order
     num_train: int
     eval_rows: pd.DataFrame  # id, label (and path): every row the evaluation must give back
     eval_dataset: Callable[[], Any]  # a Ray Dataset of the evaluation rows, with their images
@@ -91,7 +91,7 @@ class FashionMNIST:
 
     def prepare(self) -> TrainingData:
         return TrainingData(
-            classes=list(CLASSES), source=self.source, identity=self.identity, train=to_ray_dataset(self.train),
+            classes=list(CLASSES), source=self.source, identity=self.identity, train=Blocks.put(tables(self.train)),
             num_train=len(self.train.labels),
             eval_rows=pd.DataFrame({"id": np.arange(len(self.test.labels)), "label": self.test.labels}),
             eval_dataset=lambda: to_ray_dataset(self.test), images_of=lambda ids: self.test.images[ids],
@@ -217,34 +217,76 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
-def to_ray_dataset(split: Split, rows_per_block: int = 2500):
-    """The split as a Ray Dataset of rows (id, label, image); `id` is the row's index in the split."""
-    # Imported here, not above: this module also serves where Ray is not installed or wanted (loading a
-    # checkpoint to tag in a plain process).
+def tables(split: Split, rows_per_block: int = 2500) -> list:
+    """The split as Arrow tables of `rows_per_block` rows (id, label, image); `id` is the row's index in the
+    split."""
     import pyarrow as pa
+
+    return [
+        pa.table({
+            "id": pa.array(np.arange(start, min(start + rows_per_block, len(split.labels)), dtype=np.int64)),
+            "label": pa.array(split.labels[start:start + rows_per_block]),
+            # Arrow's own fixed-shape tensor type: Ray Data reads it, and making it needs no Ray.
+            "image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(split.images[start:start + rows_per_block])),
+        })
+        for start in range(0, len(split.labels), rows_per_block)
+    ]
+
+
+def to_ray_dataset(split: Split, rows_per_block: int = 2500):
+    """The split as a Ray Dataset of rows (id, label, image), its blocks made here."""
     import ray.data
-    from ray.data.extensions import ArrowTensorArray
 
-    tables = []
-    for start in range(0, len(split.labels), rows_per_block):
-        stop = min(start + rows_per_block, len(split.labels))
-        tables.append(
-            pa.table(
-                {
-                    "id": pa.array(np.arange(start, stop, dtype=np.int64)),
-                    "label": pa.array(split.labels[start:stop]),
-                    "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[start:stop])),
-                }
-            )
-        )
     # from_blocks, not from_arrow: from_arrow works out each table's row count and schema in a Ray task,
-    # which on a cluster just started (or just done training) means starting worker processes first: about
-    # 1.5 s before evaluation begins, on the 2-core VM. The tables are here; their metadata is read here.
-    return ray.data.from_blocks(tables)
+    # which on a cluster just started (or just done training) means starting worker processes first. The
+    # tables are here; their metadata is read here.
+    return ray.data.from_blocks(tables(split, rows_per_block))
 
 
-def in_order(dataset):
-    """`dataset`, executed keeping its blocks in order (Ray Data's `preserve_order`): rows come out in the
-    order given, not in the order the tasks happened to finish (a catalog's read pass, the rows of tags)."""
-    dataset.context.execution_options.preserve_order = True
-    return dataset
+@dataclass(frozen=True)
+class Blocks:
+    """Rows in Ray's object store: Arrow tables (id, label, image: 28x28 uint8, and other columns) in a fixed
+    order, with the number of rows each holds. The driver holds the references; each training worker fetches
+    the blocks of its own part (`take`). Nothing coordinates the dealing: every rank works out the same cut
+    from the row counts, so the same blocks, seed and world size always give the same parts."""
+
+    refs: tuple  # ray.ObjectRef of a pyarrow.Table, in order
+    rows: tuple[int, ...]  # rows of each block
+
+    @classmethod
+    def put(cls, tables: list) -> Blocks:
+        import ray
+
+        return cls(tuple(ray.put(t) for t in tables), tuple(t.num_rows for t in tables))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    def part(self, rank: int, world_size: int) -> list[tuple[int, int, int]]:
+        """(block, first row, end row) of rank `rank`'s part: the rows, blocks end to end in order, cut into
+        `world_size` runs as equal as whole rows allow (every row in exactly one part)."""
+        total = self.num_rows
+        first, end = rank * total // world_size, (rank + 1) * total // world_size
+        pieces, offset = [], 0
+        for index, count in enumerate(self.rows):
+            start, stop = max(first, offset), min(end, offset + count)
+            if start < stop:
+                pieces.append((index, start - offset, stop - offset))
+            offset += count
+        return pieces
+
+    def take(self, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rank `rank`'s part, fetched from the object store: (images (N, 28, 28) uint8, labels (N,) int64) in
+        id order, which makes the batches independent of how the rows were cut into blocks."""
+        import ray
+        from ray.data.block import BlockAccessor
+
+        pieces = self.part(rank, world_size)
+        columns = [BlockAccessor.for_block(table.slice(start, stop - start)).to_numpy(["id", "image", "label"])
+                   for table, (_, start, stop) in zip(ray.get([self.refs[i] for i, _, _ in pieces]), pieces)]
+        if not columns:
+            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8), np.zeros(0, np.int64)
+        order = np.argsort(np.concatenate([c["id"] for c in columns]), kind="stable")
+        images = np.concatenate([c["image"] for c in columns])[order]
+        return images, np.concatenate([c["label"] for c in columns])[order].astype(np.int64)

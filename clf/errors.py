@@ -38,6 +38,11 @@ class CheckpointError(ClfError):
     """A checkpoint that is missing, incomplete, of another shape, or unsafe to load."""
 
 
+class Interrupted(ClfError):
+    """Ctrl-C where the job can say what it leaves (during training: the checkpoint kept and how to resume);
+    its message is printed as one line, exit code 130."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first non-empty line, for an error that must fit on one."""
     for line in str(error).splitlines():
@@ -52,6 +57,9 @@ def run_job(prog: str, job: Callable[[], T]) -> tuple[int, T | None]:
     Returns (exit code, the job's result or None)."""
     try:
         return 0, job()
+    except Interrupted as e:
+        print(f"{prog}: {first_line(e)}", file=sys.stderr)
+        return 130, None
     except ClfError as e:
         print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
         return (2 if isinstance(e, ConfigError) else 1), None

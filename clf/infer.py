@@ -14,11 +14,11 @@ import pandas as pd
 import ray.data
 import torch
 
-from clf import console
+from clf import console, runtime
 from clf.checkpoint import ModelFiles, build
 from clf.data import TrainingData, preprocess
 from clf.errors import ClfError
-from clf.runtime import InferPlan
+from clf.plan import InferPlan
 
 
 class Predictor:
@@ -28,8 +28,7 @@ class Predictor:
         adds the k likeliest classes per row."""
         self.top_k = top_k
         if num_threads:
-            # Ray sets OMP_NUM_THREADS=1 in its workers; use the CPUs this actor was given.
-            torch.set_num_threads(num_threads)
+            runtime.use_cpus(num_threads)  # the CPUs this actor was given
         self.device = torch.device("cuda" if use_gpu else "cpu")
         # Where this actor runs, on every row it predicts (metrics.json's placement).
         context = ray.get_runtime_context() if ray.is_initialized() else None

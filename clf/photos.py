@@ -159,6 +159,19 @@ def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch | {"image": images, "error": errors, "size": sizes}
 
 
+def read_rows(ids: np.ndarray, paths: np.ndarray, labels: np.ndarray):
+    """A Ray task of the training job's read pass: the photos of rows (id, path, label) read and converted.
+    Returns (what became of each row: {"id", "error", "size"}, an Arrow table (id, path, label, image: 28x28
+    uint8 as Arrow's own fixed-shape tensor type, which Ray Data reads) of the rows that could be read)."""
+    import pyarrow as pa
+
+    batch = read_photos({"id": ids, "path": paths, "label": labels})
+    ok = batch["error"] == ""
+    table = pa.table({"id": ids[ok], "path": paths[ok].astype(str), "label": labels[ok],
+                      "image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(batch["image"][ok]))})
+    return {"id": ids, "error": batch["error"], "size": batch["size"]}, table
+
+
 def load_file(path: str) -> np.ndarray:
     """A photo file (a local path, or a URI pyarrow reads: file://, s3://, gs://) to the model's 28x28
     image; PhotoError (or OSError) says why not."""

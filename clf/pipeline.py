@@ -9,8 +9,6 @@ is always a complete run.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,17 +18,16 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from clf import catalog, data, report, runtime, storage
+from clf import catalog, data, plan, report, runtime, storage
 from clf import checkpoint as ckpt
 from clf.config import TrainConfig
-from clf.runtime import InferPlan, TrainPlan
+from clf.plan import Cluster, InferPlan, TrainPlan
+from clf.runtime import PLACEMENT_WAITS
 
 if TYPE_CHECKING:
     from clf.metrics import Metrics
 
-# Imported while Ray starts, not before (run()): torchmetrics (which brings torchvision and torch._dynamo)
-# and Ray Train take about 2.5 s to import, and Ray's start is mostly its processes waiting on each other.
-# Measured on the 2-core VM: import then start 6.9-7.4 s, both at once 4.8-5.2 s.
+# Imported while Ray starts, not before (run()): see runtime.importing.
 WHILE_RAY_STARTS = ("clf.metrics", "clf.trainer", "clf.infer")
 
 
@@ -62,40 +59,21 @@ class Stopwatch:
         return self.timings | {"total_s": round(time.perf_counter() - self.started, 3)}
 
 
-@contextmanager
-def importing(modules: tuple[str, ...]):
-    """Import `modules` in a thread while the block runs. An import that fails there is left for the
-    code that needs the module: its own import raises the error again, with its traceback."""
-    def work():
-        try:
-            for name in modules:
-                importlib.import_module(name)
-        except Exception:
-            pass
-
-    thread = threading.Thread(target=work, name="imports", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
-
-
 def run(cfg: TrainConfig) -> RunResult:
     clock = Stopwatch()
-    output = cfg.output or str(runtime.default_output())
-    cfg = dataclasses.replace(cfg, output=output, run_name=cfg.run_name or runtime.new_run_name(output))
+    output = cfg.output or str(default_output())
     with storage.staged_output(output, last="metrics.json") as staging:
         with clock.phase("load_data_s"):  # read, or listed and split: what can fail does before Ray starts
             source = catalog.open_catalog(cfg) if cfg.train_data else data.load(cfg.data_dir, cfg.download)
-            storage.check_writable(runtime.storage_uri(cfg.storage_path), "--storage-path")
+            storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
         with clock.phase("ray_start_s"):
-            with importing(WHILE_RAY_STARTS):
-                runtime.connect(cfg.ray_logs)
+            with runtime.importing(WHILE_RAY_STARTS):
+                runtime.connect(cfg.ray_logs, cfg.dashboard)
             from clf import infer, metrics, trainer  # imported by now
 
+            cfg = dataclasses.replace(cfg, output=output, run_name=cfg.run_name or trainer.new_run_name(output))
             cluster = runtime.cluster_nodes()
-            train_plan = runtime.plan_training(cfg, cluster)
+            train_plan = plan.plan_training(cfg, cluster)
         with clock.phase("check_s"):  # before any photo is read or worker started
             trainer.check_storage_is_shared(cfg, cluster)
             if cfg.train_data:
@@ -111,23 +89,33 @@ def run(cfg: TrainConfig) -> RunResult:
         _announce(cfg, cluster, train_plan, training)
         with clock.phase("train_s"):
             fitted = trainer.fit(cfg, train_plan, training, listing=source.identity)
+        clock.timings |= {"train_start_s": fitted.timeline.get("first_step"),
+                          "train_end_s": _difference(fitted.timeline, "fit_returned", "last_step")}
         if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
             print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
         with clock.phase("inference_s"):
             # After training, from the cluster as it is then: a node may be gone.
-            infer_plan = runtime.plan_inference(cfg, runtime.cluster_nodes(), len(training.eval_rows))
+            infer_plan = plan.plan_inference(cfg, runtime.cluster_nodes(), len(training.eval_rows))
             model = ckpt.read(fitted.checkpoint.path, fitted.checkpoint.filesystem)  # wherever Ray Train keeps it
             rows = infer.evaluate(model, training, infer_plan, cfg.infer_batch_size)
         scores = metrics.compute(rows["label"], rows["prediction"], len(training.classes))
         with clock.phase("write_s"):
             fitted.checkpoint.to_directory(str(staging / "checkpoint"))
-            _write(staging, cfg, (train_plan, infer_plan), training, fitted.history, rows, scores, clock)
+            _write(staging, cfg, (train_plan, infer_plan), training, fitted, rows, scores, clock)
     print(report.ending(scores, training.classes, training.eval_name), flush=True)
     return RunResult(rows["prediction"].tolist(), scores.accuracy, scores.precision, scores.recall,
                      training.classes, output, fitted.history, clock.total())
 
 
-def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, training: data.TrainingData) -> None:
+def default_output(now: datetime | None = None) -> Path:
+    return Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def _difference(timeline: dict, later: str, earlier: str) -> float | None:
+    return None if timeline.get(earlier) is None else round(timeline[later] - timeline[earlier], 3)
+
+
+def _announce(cfg: TrainConfig, cluster: Cluster, plan: TrainPlan, training: data.TrainingData) -> None:
     for line in (
         training.skipped and f"skipped {len(training.skipped):,} file(s) that cannot be read "
         f"({report.reasons(s['reason'] for s in training.skipped)}): listed in metrics.json",
@@ -135,17 +123,18 @@ def _announce(cfg: TrainConfig, cluster: runtime.Cluster, plan: TrainPlan, train
         f"{plan.describe()}, {cfg.epochs} epoch(s)",
         plan.waits_for_nodes and f"waiting for the autoscaler to add nodes: {cluster.describe()} are up, too few "
         f"for {plan.describe()} (at least {plan.min_workers}); Ray Train tries to place them for about "
-        f"{runtime.PLACEMENT_WAITS + 1} minutes",
+        f"{PLACEMENT_WAITS + 1} minutes",
     ):
         if line:
             print(line, flush=True)
 
 
 def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], training: data.TrainingData,
-           history: list[dict], rows: pd.DataFrame, scores: Metrics, clock: Stopwatch) -> None:
+           fitted, rows: pd.DataFrame, scores: Metrics, clock: Stopwatch) -> None:
     """predictions.parquet, the run report, and metrics.json last."""
     from clf import infer
 
+    history = fitted.history
     train_plan, infer_plan = plans
     provenance = report.provenance()
     report.write_predictions(folder / "predictions.parquet", rows)
@@ -168,6 +157,8 @@ def _write(folder: Path, cfg: TrainConfig, plans: tuple[TrainPlan, InferPlan], t
         "skipped_files": training.skipped,
         "history": history,
         "timings": clock.total(),
+        # Seconds from fit() called to each moment of training's rank 0 (its last attempt) and fit()'s return.
+        "training_timeline": fitted.timeline,
         "provenance": provenance,
     })
 

@@ -40,6 +40,17 @@ LOCAL = pafs.LocalFileSystem()
 FINAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+# Ray Train's own default storage (ray.train.constants.DEFAULT_STORAGE_PATH; a test checks they agree), which
+# a run checks like any other before it starts.
+DEFAULT_CHECKPOINT_STORAGE = "~/ray_results"
+
+
+def checkpoint_storage(storage_path: str | None) -> str:
+    """Ray Train's checkpoint storage (--storage-path, or Ray's default) as an absolute path or a URI."""
+    location = storage_path or DEFAULT_CHECKPOINT_STORAGE
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
 def is_uri(location: str) -> bool:
     return "://" in location
 

@@ -1,42 +1,40 @@
 """fit(): the TorchTrainer around `clf.train`'s loop, the guard that resumes a run only with its own
 settings, and the history of every epoch.
 
-Data: one way, whatever the source. The training set is a Ray Dataset of decoded rows (id, label, 28x28
-image) in a fixed order; Ray Train splits it equally between the ranks (`get_dataset_shard`), in order
-(Ray Data's `preserve_order`, which also makes its split deterministic), and each rank takes its shard
-into memory once (`take_shard`: 784 bytes an image) and batches it every epoch from there. Same data,
-seed and worker count: the same shards, the same batches, the same metrics. Each epoch every rank calls `ray.train.report`
-(a barrier) and rank 0 attaches a checkpoint whose train state holds the history of every epoch so far:
-Ray Train keeps only the latest checkpoints (and their metrics), the history is whole in each one.
+Data: one way, whatever the source. The training rows are blocks in Ray's object store (`clf.data.Blocks`),
+in a fixed order; each rank fetches its own part of them into memory once (784 bytes an image) and batches
+it every epoch from there. No process coordinates the dealing: every rank cuts the same row counts the same
+way. Same data, seed and worker count: the same parts, the same batches, the same metrics. Each epoch every
+rank calls `ray.train.report` (a barrier) and rank 0 attaches a checkpoint whose train state holds the
+history of every epoch so far: Ray Train keeps only the latest checkpoints (and their metrics), the history
+is whole in each one. Rank 0 also posts its progress on the run's noticeboard, which the driver reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import posixpath
+import secrets
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
+import psutil
 import ray
-import ray.data
-import ray.exceptions
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 
 from clf import checkpoint as ckpt
 from clf import console, runtime, storage
 from clf.config import TrainConfig
 from clf.data import TrainingData
-from clf.errors import ClfError, ConfigError
-from clf.runtime import TrainPlan
+from clf.errors import ClfError, ConfigError, Interrupted
+from clf.plan import Cluster, TrainPlan
 from clf.train import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
 
 # The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
@@ -47,20 +45,23 @@ RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothin
 class Fitted:
     checkpoint: ray.train.Checkpoint  # the final model
     history: list[dict]  # one record per epoch of the whole run, resumed attempts included
+    timeline: dict  # seconds from fit() called to each moment of the last attempt (see `fit`)
 
 
 # --- On each worker --------------------------------------------------------------------------------------
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    entered = time.time()
     cfg = TrainConfig(**loop_config["config"])
-    # Ray starts workers with OMP_NUM_THREADS=1; give torch the CPUs this worker reserved.
-    torch.set_num_threads(loop_config["threads"])
+    runtime.use_cpus(loop_config["threads"])
     ctx = ray.train.get_context()
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
-    board = loop_config["progress"]
-    images, labels = take_shard(ray.train.get_dataset_shard("train"))
+    board = Board(loop_config["board"]) if rank == 0 else None
+    images, labels = loop_config["rows"].take(rank, world_size)
+    # When this attempt's worker started, entered the loop and held its part (rank 0's; unix seconds).
+    started = {"process": psutil.Process().create_time(), "train_fn": entered, "shard_in_memory": time.time()}
 
     model, state = new_model(cfg, len(classes)), None
     resume_from = ray.train.get_checkpoint()
@@ -68,48 +69,55 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with resume_from.as_directory() as folder:
             model, _ = ckpt.load_model(folder)
             state = ckpt.load_train_state(folder)
-        if rank == 0:
-            board.note.remote(f"resumed from the checkpoint after epoch {state['epoch']}")
+        if board:
+            board.note(f"resumed from the checkpoint after epoch {state['epoch']}")
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world_size > 1
     learner = make_learner(cfg, model, num_train, state)
     start_epoch = state["epoch"] if state else 0
     history = list(state["history"]) if state else []
-    nodes = _node_of_each_rank()
+    nodes, rows = _each_rank(ray.get_runtime_context().get_node_id()), _each_rank(len(labels))
+    steps = steps_per_epoch(num_train, cfg.batch_size)
+
+    last_step = [0.0]
+
+    def after_step(epoch: int, done: int) -> None:
+        last_step[0] = time.time()
+        started.setdefault("first_step", last_step[0])
+        if board:
+            board.step(epoch, done, steps)
 
     def report(record: dict) -> None:
         # 0: this attempt started from scratch; fewer workers than asked after a lost node, if elastic.
-        record |= {"resumed_from_epoch": start_epoch, "workers": world_size, "nodes": nodes}
+        record |= {"resumed_from_epoch": start_epoch, "workers": world_size, "nodes": nodes, "rows": rows,
+                   # Each rank's weights, digested: DDP keeps them equal, and rank 0's checkpoint stands for all.
+                   "weights": _each_rank(weights_digest(learner.model)), "started": dict(started)}
         history.append(record)
         _report(record, learner, history, rank, cfg, classes, loop_config["identity"])
-        if rank == 0:
-            board.epoch_done.remote(record)
+        if board:
+            board.epoch_done(record, last_step=last_step[0], reported=time.time())
 
     train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, num_train), cfg,
                  start_epoch=start_epoch, rank=rank, device=device, reduce=_all_reduce, after_epoch=report,
-                 after_step=_StepsSent(board, steps_per_epoch(num_train, cfg.batch_size)) if rank == 0 else None)
+                 after_step=after_step)
 
 
-def take_shard(shard) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows of the training Dataset, in id order: (images (N, 28, 28) uint8, labels (N,) int64).
-    Read once: the epochs batch them from memory (a streamed shard would cost Ray Data's per-batch work in
-    every step), and the id order makes the batches independent of how the blocks arrived."""
-    ids, images, labels = [], [], []
-    for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.append(block["id"])
-        images.append(block["image"])
-        labels.append(block["label"])
-    order = np.argsort(np.concatenate(ids), kind="stable")
-    return np.concatenate(images)[order], np.concatenate(labels)[order].astype(np.int64)
-
-
-def _node_of_each_rank() -> list[str]:
-    """The Ray node id each rank runs on, in rank order (the same list on every rank)."""
-    node = ray.get_runtime_context().get_node_id()
+def _each_rank(value) -> list:
+    """`value` of every rank, in rank order (the same list on every rank; a collective: every rank calls it)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [node]
-    nodes = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return nodes
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's trainable weights (not BatchNorm's running statistics, which each rank keeps
+    from its own batches)."""
+    digest = hashlib.sha256()
+    for name, weights in sorted(getattr(model, "module", model).named_parameters()):  # DDP's wrapper unwrapped
+        digest.update(name.encode())
+        digest.update(weights.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
@@ -137,51 +145,45 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class EpochProgress:
-    """Where rank 0 leaves how far its epoch is, each epoch's record and its notes, for the driver to print:
-    the driver prints every line of the job (Ray's forwarding of worker output is off by default, and
-    would prefix each line with the worker's name)."""
+class Board:
+    """Rank 0's side of the run's noticeboard (`runtime.Noticeboard`): how far the epoch under way is (posted
+    at most twice a second), each epoch's record once reported, notes for the console, and when the last
+    report returned. The driver prints from it: Ray's forwarding of worker output is off by default, and
+    would prefix each line with the worker's name."""
 
-    def __init__(self):
-        self.step, self.records, self.notes = (0, 0, 0), [], []
+    def __init__(self, key: str, every_s: float = 0.5):
+        self.board, self.every_s, self.last = runtime.Noticeboard(key), every_s, 0.0
+        self.state = {"step": [0, 0, 0], "records": [], "notes": [], "last_step": None, "reported": None}
 
-    def at(self, epoch: int, steps: int, total: int) -> None:
-        self.step = (epoch, steps, total)
-
-    def epoch_done(self, record: dict) -> None:
-        self.records.append(record)
-
-    def note(self, line: str) -> None:
-        self.notes.append(line)
-
-    def read(self, records_seen: int, notes_seen: int) -> tuple[tuple[int, int, int], list[dict], list[str]]:
-        return self.step, self.records[records_seen:], self.notes[notes_seen:]
-
-
-class _StepsSent:
-    """Rank 0's steps to the board, at most twice a second (a call that does not wait, ~0.1 ms)."""
-
-    def __init__(self, board, steps: int, every_s: float = 0.5):
-        self.board, self.steps, self.every_s, self.last = board, steps, every_s, 0.0
-
-    def __call__(self, epoch: int, done: int) -> None:
+    def step(self, epoch: int, done: int, total: int) -> None:
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
-            self.board.at.remote(epoch, done, self.steps)
+            self.state["step"] = [epoch, done, total]
+            self.board.post(self.state)
+
+    def note(self, line: str) -> None:
+        self.state["notes"].append(line)
+        self.board.post(self.state)
+
+    def epoch_done(self, record: dict, last_step: float, reported: float) -> None:
+        self.state["records"].append(record)
+        self.state["last_step"], self.state["reported"] = last_step, reported
+        self.board.post(self.state)
 
 
-def _show_progress(board, cfg: TrainConfig, num_train: int, unit: str, stop: threading.Event) -> None:
-    """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one
-    line for each epoch done."""
-    progress, shown, finished, seen = None, -1, 0, (0, 0)
+def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int, unit: str,
+                   stop: threading.Event) -> dict:
+    """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one line
+    for each epoch done and each note. Returns the board's last state."""
+    progress, shown, finished, seen, state = None, -1, 0, (0, 0), {}
     while True:
         stopping = stop.wait(0.5)  # once set: the last records, then done
         try:
-            (epoch, steps, total), records, notes = ray.get(board.read.remote(*seen), timeout=10)
-        except ray.exceptions.RayError:  # GetTimeoutError included: progress is not worth a failure
-            break
+            state = board.read() or state
+        except Exception:  # noqa: BLE001 - progress is not worth a failure (the GCS is reached again at the next read)
+            continue
+        records, notes = state.get("records", [])[seen[0]:], state.get("notes", [])[seen[1]:]
         seen = (seen[0] + len(records), seen[1] + len(notes))
         for line in notes:
             (progress.write if progress is not None else _print)(line)
@@ -193,6 +195,7 @@ def _show_progress(board, cfg: TrainConfig, num_train: int, unit: str, stop: thr
             _print(epoch_line(record, cfg.epochs, unit))
         if stopping:
             break
+        epoch, steps, total = state.get("step", (0, 0, 0))
         if total and epoch + 1 > finished:  # (0-based) epoch `epoch` under way
             if shown != epoch:
                 if progress is not None:
@@ -201,6 +204,7 @@ def _show_progress(board, cfg: TrainConfig, num_train: int, unit: str, stop: thr
             progress.update(min(num_train, num_train * steps // total) - progress.done)
     if progress is not None:
         progress.close()
+    return state
 
 
 def epoch_line(record: dict, epochs: int, unit: str = "images") -> str:
@@ -221,15 +225,20 @@ def run_settings(cfg: TrainConfig, identity: dict) -> dict:
     return {name: getattr(cfg, name) for name in RESUME_SETTINGS} | identity
 
 
+def new_run_name(output: str) -> str:
+    """A run name never used before: a new run must never resume an earlier one by accident."""
+    return f"{posixpath.basename(output.rstrip('/')) or 'run'}-{secrets.token_hex(3)}"
+
+
 def run_folder(cfg: TrainConfig) -> str:
-    return f"{runtime.storage_uri(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
+    return f"{storage.checkpoint_storage(cfg.storage_path).rstrip('/')}/{cfg.run_name}"
 
 
-def check_storage_is_shared(cfg: TrainConfig, cluster: runtime.Cluster) -> None:
+def check_storage_is_shared(cfg: TrainConfig, cluster: Cluster) -> None:
     """On several nodes, a local --storage-path works only if it is the same shared folder (NFS) on every
     node: the workers write checkpoints there and the driver and a restarted run read them. A task on each
     node looks for a marker the driver writes there."""
-    uri = runtime.storage_uri(cfg.storage_path)
+    uri = storage.checkpoint_storage(cfg.storage_path)
     if len(cluster.nodes) < 2 or not storage.Place.of(uri).local:
         return
     marker = storage.write_marker(uri, "--storage-path")
@@ -262,12 +271,12 @@ def resume_notice(cfg: TrainConfig, earlier: dict | None, listing: str) -> str:
                if before.get(name) != getattr(cfg, name)]
     if changed:
         raise ConfigError(
-            f"run {cfg.run_name!r} in {runtime.storage_uri(cfg.storage_path)} was started with other settings "
+            f"run {cfg.run_name!r} in {storage.checkpoint_storage(cfg.storage_path)} was started with other settings "
             f"({', '.join(changed)}); resume it with its own settings or choose a new --run-name"
         )
     if before.get("listing", listing) != listing:  # checkpoints from before it was recorded: not refused
         raise ConfigError(
-            f"run {cfg.run_name!r} in {runtime.storage_uri(cfg.storage_path)} was started on other data (its files, "
+            f"run {cfg.run_name!r} in {storage.checkpoint_storage(cfg.storage_path)} was started on other data (its files, "
             f"their labels or sizes changed: {before['listing']} -> {listing}); resume it with its own files or "
             "choose a new --run-name"
         )
@@ -282,7 +291,7 @@ def check_same_photos(cfg: TrainConfig, earlier: dict | None, photos: str) -> No
     before = (earlier or {}).get("settings", {}).get("photos", photos)
     if before != photos:
         raise ConfigError(
-            f"run {cfg.run_name!r} in {runtime.storage_uri(cfg.storage_path)} was trained on other photos than "
+            f"run {cfg.run_name!r} in {storage.checkpoint_storage(cfg.storage_path)} was trained on other photos than "
             f"the ones read now ({before} -> {photos}): a photo it used cannot be read now, or one it skipped can, "
             "or a file changed; resume it when they read as before, or choose a new --run-name"
         )
@@ -290,16 +299,24 @@ def check_same_photos(cfg: TrainConfig, earlier: dict | None, photos: str) -> No
 
 def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | None = None) -> Fitted:
     """Train with a TorchTrainer on the connected Ray cluster, as `plan` says. `listing`: the identity of the
-    listing the data was read from (default: the data's own), kept in each checkpoint for a resume."""
-    runtime.prepare_fit()
-    # On the driver's node, which lives as long as the run: a worker node may be lost.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    board, stop = EpochProgress.options(scheduling_strategy=here).remote(), threading.Event()
-    shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, data.unit, stop), daemon=True)
+    listing the data was read from (default: the data's own), kept in each checkpoint for a resume.
+
+    Ctrl-C raises `Interrupted`, saying which checkpoint is kept and how to resume. The timeline:
+    when fit() was called (unix seconds), then seconds from it to when rank 0 of the last attempt started its
+    process, entered the training function, held its part of the data, took its first and last steps, and
+    had its last report returned, and to when fit() returned."""
+    called = time.time()
+    board_key = f"{cfg.run_name}-{secrets.token_hex(4)}"
+    board, stop = runtime.Noticeboard(board_key), threading.Event()
+    state: dict = {}
+    shower = threading.Thread(target=lambda: state.update(_show_progress(board, cfg, data.num_train, data.unit, stop)),
+                              daemon=True)
     shower.start()
     with runtime.ctrl_c_kept():
         try:
-            result = _trainer(cfg, plan, data, listing or data.identity, board).fit()
+            result = _trainer(cfg, plan, data, listing or data.identity, board_key).fit()
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted(cfg)) from None
         except Exception as e:
             failure = runtime.training_failure(e)
             if failure is e:
@@ -308,39 +325,50 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
         finally:
             stop.set()
             shower.join()
-            ray.kill(board)
+            board.remove()
+    returned = time.time()
     if result.checkpoint is None:
         raise ClfError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         history = ckpt.load_train_state(folder).get("history", [])  # none in older checkpoints
-    return Fitted(result.checkpoint, history)
+    return Fitted(result.checkpoint, history, timeline(called, returned, history, state))
 
 
-def in_order_ingest() -> ExecutionOptions:
-    """Ray Train's ingest options, with the rows kept in the Dataset's order: its equal split then deals
-    the same rows to the same ranks every run (Ray Data 2.60 drops the locality hints that would make it
-    depend on timing). The cost is locality: a shard's blocks may come from another node, once per run.
-    (Made here, not from `DataConfig.default_ingest_options()`, which passes Ray Data a deprecated option
-    and warns in every run.)"""
-    current = ray.data.DataContext.get_current().execution_options
-    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
-                            verbose_progress=current.verbose_progress)
+def timeline(called: float, returned: float, history: list[dict], board: dict) -> dict:
+    """Seconds from fit() called to each moment of rank 0's last attempt (see `fit`); None where unknown
+    (a run that resumed a finished run takes no step)."""
+    moments = dict(history[-1].get("started", {})) if history and board.get("records") else {}
+    moments |= {"last_step": board.get("last_step"), "last_report_returned": board.get("reported")}
+    seconds = {name: round(at - called, 3) if at else None for name, at in moments.items()}
+    return {"fit_called_at": called} | seconds | {"fit_returned": round(returned - called, 3)}
 
 
-def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board) -> TorchTrainer:
+def interrupted(cfg: TrainConfig) -> str:
+    """What a Ctrl-C during training leaves: the checkpoint after the last epoch Ray Train registered, or
+    none, and how to resume."""
+    try:
+        kept = previous_run(cfg)
+    except (ClfError, OSError, KeyboardInterrupt):
+        kept = None
+    if kept is None:
+        return f"interrupted during the first epoch of run {cfg.run_name}: no checkpoint was kept; nothing to resume"
+    return (f"interrupted: run {cfg.run_name} keeps its checkpoint after epoch {kept['epoch']} in {run_folder(cfg)}; "
+            f"start it again with --run-name {cfg.run_name} (and the same settings) to resume it")
+
+
+def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board: str):
     loop_config = {
-        "progress": board,
+        "board": board,
+        "rows": data.train,  # references: each rank fetches its own part
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
         "classes": data.classes,
         "num_train": data.num_train,
         "identity": {"listing": listing, "photos": data.identity},
     }
-    return TorchTrainer(
+    return runtime.torch_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        datasets={"train": data.train},  # Ray Train gives each rank an equal shard
-        dataset_config=DataConfig(execution_options=in_order_ingest()),
         scaling_config=ScalingConfig(
             # Elastic: start with what can be placed, down to min_workers; after a lost node, wait for a
             # replacement only as long as RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), then go on with
@@ -352,7 +380,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str
         ),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=runtime.storage_uri(cfg.storage_path),
+            storage_path=storage.checkpoint_storage(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(
                 max_failures=cfg.max_failures, controller_failure_limit=runtime.PLACEMENT_WAITS

@@ -1,9 +1,18 @@
-"""Shared fixtures: a Ray of our own on loopback, the real data, and one real training run."""
+"""Shared fixtures and the two lanes.
+
+The fast lane (`pytest -m "not slow"`) is every test not marked slow: pure units that start no Ray and no
+server. A guard holds it to that: in a test not marked slow, `ray.init` and listening on a socket fail the
+test, so do the fixtures that start a cluster or a server, and a job started as a subprocess finds RAY_ADDRESS
+pointing at a closed port (it fails, loudly, instead of starting a Ray). The slow lane shares what a fresh
+copy would not prove more with: one embedded Ray for the in-process tests, one real training run for the
+tests that read a run's outputs, one two-node cluster.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,14 +29,41 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from clf import data, runtime  # noqa: E402
 from tests.helpers import ROOT, listening_addresses  # noqa: E402
 
+# Fixtures that start Ray or a server: a test using one belongs in the slow lane.
+SLOW_FIXTURES = {"ray_local", "s3", "one_epoch", "cluster", "two_nodes", "served"}
+# Where a fast test's subprocesses find "their cluster": nothing listens on the discard port.
+NOWHERE = "127.0.0.1:9"
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(autouse=True)
+def fast_lane_guard(request, monkeypatch):
+    """In a test not marked slow: no Ray, no server, no fixture that starts one."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    starters = SLOW_FIXTURES & set(request.fixturenames)
+    if starters:
+        pytest.fail(f"a fast test uses {', '.join(sorted(starters))}, which starts Ray or a server: mark it slow")
+    import ray
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a fast test started Ray or a server: mark it slow")
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(socket.socket, "listen", refused)
+    monkeypatch.setenv("RAY_ADDRESS", NOWHERE)
+    yield
+
+
+@pytest.fixture(scope="session")
 def ray_local():
-    """A fresh local Ray for one test module, on loopback, stopped after it (only this process's own Ray)."""
+    """One embedded Ray on loopback for every in-process test of the session (2 CPUs, no dashboard), stopped at
+    the end: only this process's own Ray."""
     import ray
 
     runtime.loopback_mode()
-    ray.init(**runtime.LOCAL_RAY, num_cpus=2)
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(**runtime.local_ray(), num_cpus=2, logging_level="ERROR", log_to_driver=False)
     try:
         yield ray
     finally:
@@ -60,24 +96,41 @@ def real_data() -> data.FashionMNIST:
 
 @pytest.fixture(scope="session")
 def one_epoch(tmp_path_factory):
-    """`run()` for one epoch on the real data in a fresh process, as a user's script would call it, with
-    its embedded Ray; meanwhile, every TCP port that the process and its descendants listen on is
-    recorded. Shared by the job's tests and the tagging tests (which tag with its checkpoint)."""
+    """`jobs/train.py --epochs 1` on the real data, as a user runs it, with its embedded Ray; meanwhile every
+    TCP port that the process and its descendants listen on, and every process it started, are recorded.
+    Shared by the job's tests and the tagging and serving tests (which use its checkpoint)."""
+    import psutil
+
     out = tmp_path_factory.mktemp("runs") / "one-epoch"
-    env = {k: v for k, v in os.environ.items() if k not in runtime.LOOPBACK_ENV}  # the job must see to it itself
+    env = {k: v for k, v in os.environ.items() if k not in runtime.LOOPBACK_ENV and k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.programs", "run-one-epoch", str(out), str(out.parent / "ray")],
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--epochs", "1", "--output", str(out), "--storage-path",
+         str(out.parent / "ray")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    listening = set()
+    listening, started, names = set(), {}, set()
     while proc.poll() is None:
         listening |= listening_addresses(proc.pid)
+        try:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                started.setdefault(p.pid, p)
+                names.add(_name(p))
+        except psutil.NoSuchProcess:
+            pass
         time.sleep(1)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
-    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
-    result["output"] = Path(result["output"])
-    return SimpleNamespace(**result, listening=listening, log=stdout + stderr)
+    time.sleep(1)
+    left = [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return SimpleNamespace(output=out, stdout=stdout, stderr=stderr, listening=listening, left_running=left, names=names,
+                           metrics=json.loads((out / "metrics.json").read_text()))
+
+
+def _name(process) -> str:
+    try:
+        return process.name()
+    except Exception:  # noqa: BLE001 - gone before it was named
+        return ""
 
 
 @pytest.fixture(scope="session")

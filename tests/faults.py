@@ -83,6 +83,26 @@ def wait_for_checkpoint(run_dir: Path | str, driver: subprocess.Popen, log: Path
         time.sleep(0.1)
 
 
+def wait_for_process(driver: subprocess.Popen, prefix: str, log: Path, timeout: float = 300) -> str:
+    """Until the driver (or a process it started) runs a process whose name starts with `prefix`; its name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            for p in psutil.Process(driver.pid).children(recursive=True):
+                try:
+                    if p.name().startswith(prefix):
+                        return p.name()
+                except psutil.NoSuchProcess:
+                    continue
+        except psutil.NoSuchProcess:
+            pass
+        if driver.poll() is not None:
+            pytest.fail(f"the driver ended (exit {driver.returncode}) before a {prefix} ran:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {prefix} within {timeout} s")
+        time.sleep(0.1)
+
+
 def kill_driver(driver: subprocess.Popen) -> None:
     """SIGKILL the driver alone, as a crash or an OOM kill would; then stop what it had started (its
     embedded Ray) if that outlives it."""

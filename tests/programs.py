@@ -1,6 +1,5 @@
 """Programs the tests run in a process of their own, as a user's script would be run.
 
-    python -m tests.programs run-one-epoch OUTPUT STORAGE
     python -m tests.programs predict-without-ray CHECKPOINT IMAGES.npy
     python -m tests.programs untrained-checkpoint FOLDER
     python -m tests.programs step-page-faults {adaptive,kept}
@@ -12,17 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-
-def run_one_epoch(output: str, storage: str) -> None:
-    """`clf.pipeline.run()` for one epoch on the real data, with its embedded Ray; prints RESULT {json}."""
-    from clf.config import TrainConfig
-    from clf.pipeline import run
-
-    r = run(TrainConfig(epochs=1, output=output, storage_path=storage))
-    result = {"predictions": r.predictions, "accuracy": r.accuracy, "precision": r.precision,
-              "recall": r.recall, "classes": r.classes, "output": str(r.output)}
-    print("RESULT " + json.dumps(result))
 
 
 def predict_without_ray(checkpoint: str, images: str) -> None:
@@ -91,9 +79,6 @@ def refuse_unseen(paths: list[str]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     commands = p.add_subparsers(dest="command", required=True)
-    one = commands.add_parser("run-one-epoch")
-    one.add_argument("output")
-    one.add_argument("storage")
     predict = commands.add_parser("predict-without-ray")
     predict.add_argument("checkpoint")
     predict.add_argument("images")
@@ -104,9 +89,7 @@ def main() -> None:
     unseen = commands.add_parser("refuse-unseen")
     unseen.add_argument("paths", nargs="+")
     args = p.parse_args()
-    if args.command == "run-one-epoch":
-        run_one_epoch(args.output, args.storage)
-    elif args.command == "predict-without-ray":
+    if args.command == "predict-without-ray":
         predict_without_ray(args.checkpoint, args.images)
     elif args.command == "refuse-unseen":
         refuse_unseen(args.paths)

@@ -24,13 +24,13 @@ def test_reads_torchvisions_download_layout(tmp_path):
     assert data.load(str(tmp_path)).train.images.shape == (64, 28, 28)
 
 
-def test_search_order(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    dirs = data.candidate_dirs(None)
-    assert dirs == [tmp_path / "env", data.DEBIAN_DIR, tmp_path / "cache" / "clf" / "fashion-mnist"]
-    # An explicit --data-dir is the only place looked at.
-    assert data.candidate_dirs(str(tmp_path / "mine")) == [tmp_path / "mine"]
+def test_a_data_dir_in_the_environment_comes_before_debians_and_an_explicit_one_is_the_only_one(tmp_path, monkeypatch):
+    mine = make_dataset_dir(tmp_path / "mine", n_train=7)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(mine))
+    assert len(data.load().train.labels) == 7  # not Debian's 60,000, which this machine may have
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="not found"):
+        data.load(str(tmp_path / "empty"))  # no falling back to $CLF_DATA_DIR or Debian's
 
 
 def test_missing_folder_names_where_it_looked(tmp_path):
@@ -78,12 +78,35 @@ def test_payload_shorter_than_header_says(tmp_path):
         data.load(str(folder))
 
 
-def test_preprocess_is_normalised_and_shaped():
-    images = torch.tensor([[[0] * 28] * 28, [[255] * 28] * 28], dtype=torch.uint8)
-    x = data.preprocess(images)
-    assert x.shape == (2, 1, 28, 28) and x.dtype == torch.float32
-    assert x[0].unique().item() == pytest.approx(-data.PIXEL_MEAN / data.PIXEL_STD)
-    assert x[1].unique().item() == pytest.approx((1 - data.PIXEL_MEAN) / data.PIXEL_STD)
+def test_preprocess_is_torchvisions_normalisation_with_the_datas_own_statistics(real_data):
+    # Computed another way: torchvision's ToTensor and Normalize, with the mean and standard deviation of the
+    # real training pixels themselves (not the constants the code uses).
+    from PIL import Image
+    from torchvision import transforms
+
+    scaled = real_data.train.images / 255.0
+    independent = transforms.Compose([transforms.ToTensor(), transforms.Normalize((scaled.mean(),), (scaled.std(),))])
+    images = real_data.test.images[:16]
+    expected = torch.stack([independent(Image.fromarray(image)) for image in images]).float()
+    ours = data.preprocess(torch.from_numpy(images))
+    assert ours.shape == (16, 1, 28, 28) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, atol=5e-3, rtol=0)
+    # The first test image's top-left pixel is background (0): -mean/std, about -0.81.
+    assert ours[0, 0, 0, 0].item() == pytest.approx(-scaled.mean() / scaled.std(), abs=5e-3)
+
+
+def test_the_rows_are_dealt_in_equal_runs_each_in_exactly_one_part():
+    blocks = data.Blocks(refs=tuple(range(4)), rows=(5, 0, 7, 3))  # 15 rows; a block may be empty
+    for world_size in (1, 2, 3, 4, 15, 16):
+        parts = [blocks.part(rank, world_size) for rank in range(world_size)]
+        rows = [[(i, r) for i, start, stop in part for r in range(start, stop)] for part in parts]
+        flat = [row for part in rows for row in part]
+        assert len(flat) == len(set(flat)) == 15  # every row once
+        assert flat == [(i, r) for i, count in enumerate(blocks.rows) for r in range(count)]  # in block order
+        assert max(map(len, rows)) - min(map(len, rows)) <= 1  # as equal as whole rows allow
+        for part in parts:
+            assert all(0 <= start < stop <= blocks.rows[i] for i, start, stop in part)
+    assert blocks.part(1, 2) == [(2, 2, 7), (3, 0, 3)]
 
 
 def test_real_data_is_fashion_mnist(real_data):

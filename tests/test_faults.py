@@ -6,7 +6,7 @@ import pytest
 from clf import checkpoint
 from clf.config import TrainConfig
 from clf.errors import ClfError
-from clf.runtime import TrainPlan
+from clf.plan import TrainPlan
 from clf.trainer import fit
 from tests.faults import worker_killed_after_first_checkpoint
 from tests.helpers import real_subset, training_data

@@ -1,11 +1,13 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from clf import checkpoint, data
-from clf.infer import Predictor, placement, predict
+from clf.errors import ClfError
+from clf.infer import Predictor, check_complete, placement, predict
 from clf.model import FashionCNN
-from clf.runtime import InferPlan
+from clf.plan import InferPlan
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,19 @@ def test_predictor_adds_prediction_and_confidence_and_keeps_other_columns(tiny_c
     assert ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
 
 
+def test_an_incomplete_or_mislabelled_result_is_refused_never_returned():
+    expected = pd.DataFrame({"id": [0, 1, 2], "label": [4, 5, 6]})
+    rows = pd.DataFrame({"id": [2, 0, 1], "label": [6, 4, 5], "prediction": [6, 4, 0]})
+    assert check_complete(rows, expected)["id"].tolist() == [0, 1, 2]  # complete: in id order
+    with pytest.raises(ClfError, match="inference returned 2 rows for 3 images"):
+        check_complete(rows.iloc[:2], expected)
+    with pytest.raises(ClfError, match="inference returned 3 rows for 3 images"):
+        check_complete(rows.assign(id=[2, 0, 0]), expected)  # one twice, one missing
+    with pytest.raises(ClfError, match="labels that differ from the ones read"):
+        check_complete(rows.assign(label=[6, 4, 9]), expected)
+
+
+@pytest.mark.slow
 def test_rows_stay_aligned_when_shuffled_before_inference(ray_local, tiny_checkpoint, tiny_split):
     prediction, confidence = direct(tiny_checkpoint, tiny_split.images)
     assert len(np.unique(prediction)) >= 3  # otherwise a misalignment could go unseen

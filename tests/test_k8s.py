@@ -1,6 +1,7 @@
-"""k8s/rayjob.yaml and the Dockerfile, checked offline (no Kubernetes or Docker here): the YAML parses, the
-fields KubeRay v1.6 requires are there, the entrypoint parses with jobs/train.py's own parser, the GPU
-worker group covers the workers it asks for, and the image is Ray's of the installed Ray version."""
+"""k8s/rayjob.yaml and the Dockerfile, cross-checked offline (no Kubernetes or Docker here) against what they
+must agree with: the entrypoint against jobs/train.py's own parser, the outputs' path against the volume
+mounted there, the GPU worker group against the workers the entrypoint asks for, the image against the
+installed Ray, the Dockerfile against where the RayJob runs the job."""
 
 import re
 import shlex
@@ -31,20 +32,6 @@ def train_config(rayjob) -> TrainConfig:
     words = shlex.split(rayjob["spec"]["entrypoint"])
     assert words[:2] == ["python", "/home/ray/clf/jobs/train.py"]  # where the Dockerfile puts the project
     return cli.parse(TrainConfig, "test", words[2:])
-
-
-def test_rayjob_has_the_fields_kuberay_requires(rayjob):
-    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["metadata"]["name"]
-    spec = rayjob["spec"]
-    assert spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
-    cluster = spec["rayClusterSpec"]
-    assert cluster["rayVersion"] == RAY_VERSION
-    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 makes and hands out the token
-    head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
-    assert head and all(c["name"] and c["image"] for c in head)
-    for group in cluster["workerGroupSpecs"]:
-        assert group["groupName"] and group["template"]["spec"]["containers"][0]["image"]
-        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
 def test_entrypoint_parses_with_the_jobs_own_parser(rayjob):

@@ -1,10 +1,11 @@
-"""Real recoveries through the real CLI: a driver killed mid-run and started again with the same run name;
-a worker node lost mid-training on a two-node loopback cluster whose nodes share no disk (checkpoints in
-the loopback S3 server)."""
+"""Real recoveries through the real CLI: Ctrl-C mid-run and the run started again with the same name; a worker
+node lost mid-training on a two-node loopback cluster whose nodes share no disk (checkpoints in the loopback
+S3 server). A driver killed outright is tried on the two-node cluster (tests/test_two_nodes.py)."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clf import storage
-from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint
+from tests.faults import finish, start_driver, wait_for_checkpoint, wait_for_process
 from tests.helpers import ROOT, real_dataset_dir
 from tests.ray_cluster import LocalCluster, not_shared
 
@@ -28,39 +29,58 @@ def data_dir(real_data, tmp_path_factory):
     return real_dataset_dir(real_data, tmp_path_factory.mktemp("data"), n_train=6000, n_test=1000)
 
 
-def test_a_killed_driver_started_again_resumes_its_run(data_dir, tmp_path):
+def test_ctrl_c_keeps_the_checkpoint_the_run_resumes_from_and_a_finished_run_is_evaluated_again(data_dir, tmp_path):
+    """Ctrl-C in training (exit 130, what is kept, how to resume), the run started again (it resumes, and ends
+    as the same run never interrupted does), Ctrl-C in its evaluation (exit 130, no outputs), and the run
+    started once more (it had finished: its final model is evaluated)."""
     storage = tmp_path / "storage"
-    common = ["--data-dir", str(data_dir), "--epochs", "3", "--batch-size", "64",
-              "--storage-path", str(storage), "--run-name", "nightly"]
+    common = ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64", "--storage-path", str(storage)]
+    named = [*common, "--run-name", "nightly"]
 
-    first_log = tmp_path / "first.log"
-    first = start_driver([*common, "--output", str(tmp_path / "first")], first_log)
-    wait_for_checkpoint(storage / "nightly", first, first_log)
-    kill_driver(first)
-    assert not (tmp_path / "first").exists()  # no outputs that look complete
+    log = tmp_path / "first.log"
+    first = start_driver([*named, "--output", str(tmp_path / "first")], log)
+    wait_for_checkpoint(storage / "nightly", first, log)
+    first.send_signal(signal.SIGINT)
+    out = finish(first, log, timeout=60)
+    assert first.returncode == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"train\.py: interrupted: run nightly keeps its checkpoint after epoch [123] in "
+                        rf"{re.escape(str(storage))}/nightly; start it again with --run-name nightly \(and the same "
+                        r"settings\) to resume it", last), last
+    assert "Traceback" not in out and not (tmp_path / "first").exists()
 
-    second_log = tmp_path / "second.log"
-    second = start_driver([*common, "--output", str(tmp_path / "second")], second_log)
-    out = finish(second, second_log)
-    assert second.returncode == 0, out[-3000:]
-    assert "run nightly has a checkpoint after epoch" in out
-    assert "training resumed from the checkpoint after epoch" in out
-    metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
-    last = metrics["history"][-1]
-    assert last["epoch"] == 3 and last["resumed_from_epoch"] >= 1  # went on; did not start over
-    # Every epoch, those of the killed driver's run included, though Ray keeps 2 checkpoints.
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
-    assert metrics["count"] == 1000 and metrics["accuracy"] > 0.7
+    log = tmp_path / "second.log"
+    second = start_driver([*named, "--output", str(tmp_path / "second")], log)
+    evaluation = wait_for_process(second, "ray::MapWorker", log)  # the predictor actors: evaluation is under way
+    second.send_signal(signal.SIGINT)
+    out = finish(second, log, timeout=60)
+    assert second.returncode == 130, out[-3000:]
+    assert "run nightly has a checkpoint after epoch" in out and "training resumed from the checkpoint" in out
+    assert out.strip().splitlines()[-1] == "train.py: interrupted; no outputs were written", evaluation
+    assert not (tmp_path / "second").exists()
+
+    log = tmp_path / "third.log"
+    third = start_driver([*named, "--output", str(tmp_path / "third")], log)
+    out = finish(third, log)
+    assert third.returncode == 0, out[-3000:]
+    assert "run nightly had finished its 4 epoch(s): evaluating its final model" in out
+    resumed = json.loads((tmp_path / "third" / "metrics.json").read_text())
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]  # the epochs before Ctrl-C too
+    assert resumed["history"][-1]["resumed_from_epoch"] >= 1  # went on; did not start over
+
+    # Never interrupted: the same numbers, so the resumed run lost and repeated nothing.
+    clean = subprocess.run([sys.executable, TRAIN, *common, "--output", str(tmp_path / "clean")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    uninterrupted = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
+    assert resumed["accuracy"] == uninterrupted["accuracy"] and resumed["count"] == 1000
 
     # The same name with other settings is another experiment: refused before any training.
-    third = subprocess.run(
-        [sys.executable, TRAIN, *common, "--epochs", "4", "--output", str(tmp_path / "third")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert third.returncode == 2
-    assert "run 'nightly'" in third.stderr and "epochs 3 -> 4" in third.stderr
-    assert "Traceback" not in third.stderr
-    assert not (tmp_path / "third").exists()
+    other = subprocess.run([sys.executable, TRAIN, *common[:3], "5", *common[4:], "--run-name", "nightly",
+                            "--output", str(tmp_path / "other")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "run 'nightly'" in other.stderr and "epochs 4 -> 5" in other.stderr and not (tmp_path / "other").exists()
 
 
 @pytest.fixture

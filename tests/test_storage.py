@@ -21,6 +21,8 @@ from tests.catalog import write_catalog
 from tests.helpers import ROOT
 from tests.s3 import FlakyProxy, client_env
 
+pytestmark = pytest.mark.slow  # every test here talks to the S3 server on loopback
+
 TRAIN = str(ROOT / "jobs" / "train.py")
 
 

@@ -19,7 +19,8 @@ from tests.catalog import render, write_broken, write_catalog
 from clf.config import TagConfig
 from clf.errors import ConfigError
 from clf import photos
-from clf.tagging.pipeline import COLUMNS, list_inputs
+from clf.errors import ClfError
+from clf.tagging.pipeline import COLUMNS, each_input_once, list_inputs
 from tests.console_lines import check_only_ours
 from tests.helpers import ROOT
 
@@ -156,6 +157,21 @@ def test_bad_flags_and_a_missing_checkpoint_are_one_line_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_rows_are_passed_on_as_they_come_and_a_missing_or_doubled_input_is_refused_at_the_end():
+    def blocks(*runs):
+        return [pd.DataFrame({"index": range(start, start + length)}) for start, length in runs]
+
+    assert [len(b) for b in each_input_once(blocks((5, 5), (0, 5)), 10)] == [5, 5]  # any order
+    for runs, count in ((((0, 5),), 10), (((0, 5), (0, 5)), 10), (((0, 5), (6, 4)), 10), (((0, 5), (5, 5)), 9)):
+        passed = []
+        with pytest.raises(ClfError, match=r"tagging returned [\d,]+ rows for [\d,]+ files"):
+            for block in each_input_once(blocks(*runs), count):
+                passed.append(block)  # every block is handed on before the end's check refuses the whole
+        assert len(passed) == len(runs)
+    with pytest.raises(ClfError, match="not a run of consecutive inputs"):
+        list(each_input_once([pd.DataFrame({"index": [0, 2, 3]})], 3))
+
+
 # --- The real thing: a trained model, real images rendered as photos, real files, the real CLI ---------
 
 PHOTOS = 500
@@ -207,7 +223,8 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     truth = real_data.test.labels[ids[tagged["i"]]]
     photo_accuracy = np.mean(tagged["class_id"].to_numpy() == truth)
     # The model's accuracy on the same images as they are in the test set.
-    model_accuracy = np.mean(np.asarray(one_epoch.predictions)[ids] == real_data.test.labels[ids])
+    predictions = pd.read_parquet(one_epoch.output / "predictions.parquet").set_index("id").sort_index()["prediction"]
+    model_accuracy = np.mean(predictions.to_numpy()[ids] == real_data.test.labels[ids])
     print(f"accuracy on the photos {photo_accuracy:.3f}, on the same images in the test set {model_accuracy:.3f}")
     assert abs(photo_accuracy - model_accuracy) <= 0.02, (photo_accuracy, model_accuracy)
 

@@ -1,3 +1,6 @@
+"""The training step and loop (plain PyTorch, no Ray), then fit() on one embedded Ray: one and two workers, the
+dealing of the rows, determinism, and failures in a worker as the driver sees them."""
+
 import signal
 import subprocess
 import sys
@@ -6,32 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
-from clf import checkpoint, data, runtime
+from clf import checkpoint, data, train
 from clf.config import TrainConfig
 from clf.errors import CheckpointError
-from clf.runtime import TrainPlan
-from clf.train import epoch_batches, steps_per_epoch
+from clf.plan import TrainPlan
+from clf.train import array_batches, epoch_batches, make_learner, new_model, steps_per_epoch, train_epochs
 from clf.trainer import fit
 from tests.helpers import ROOT, real_subset, training_data
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def small_train(real_data):
-    """4,000 real training images: enough for the loss to fall within two short epochs."""
-    return real_subset(real_data, 4000, seed=0)
-
-
-def train(split, tmp_path, name, workers=1, **overrides):
-    cfg = TrainConfig(**{"epochs": 2, "batch_size": 64, "storage_path": str(tmp_path), "run_name": name, **overrides})
-    return fit(cfg, TrainPlan(num_workers=workers, min_workers=workers, cpus_per_worker=1, use_gpu=False),
-               training_data(split))
-
-
-def losses(fitted):
-    return [record["loss"] for record in fitted.history]
 
 
 def test_an_epoch_takes_each_image_of_the_shard_once_in_a_seeded_order():
@@ -42,12 +28,33 @@ def test_an_epoch_takes_each_image_of_the_shard_once_in_a_seeded_order():
     assert np.array_equal(together, np.concatenate(epoch_batches(1003, epoch=1, seed=5, steps=16)))
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_step_count_depends_on_the_global_batch_only(world_size):
+    # An elastic run that loses a worker keeps its schedule: as many steps per epoch with any world size,
+    # each rank's part (1003 / world_size images) cut into them.
+    steps = steps_per_epoch(1003, 64)
+    assert steps == 16
+    batches = epoch_batches(1003 // world_size, 0, 5, steps)
+    sizes = {len(batch) for batch in batches}
+    assert len(batches) == 16 and max(sizes) - min(sizes) <= 1 and max(sizes) <= -(-64 // world_size)
+
+
+def test_the_plain_loop_lowers_the_loss_and_keeps_freed_memory(real_data, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1) or True)
+    split = real_subset(real_data, 2000, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    learner = make_learner(cfg, new_model(cfg, 10), len(split.labels))
+    history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, 2000), cfg)
+    assert calls == [1]  # the loop sets malloc up before its first step
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["loss"] < history[0]["loss"]
+    assert history[1]["accuracy"] > 0.7
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_memory_is_kept_for_the_next_step():
-    # Each side in a process of its own: malloc's settings cannot be undone. Blocks of a fixed size freed
-    # every step, not a real torch step: how many faults a torch step makes with the adaptive thresholds
-    # depends on the order its first tensors are freed in (290-380 thousand on one machine, 31 thousand
-    # against 16 thousand kept on CI's), so it cannot be a test. Seen here: 245 thousand against 8 thousand.
+def test_kept_freed_memory_spares_the_page_faults_of_refilling_it():
+    # Each side in a process of its own: malloc's settings cannot be undone. Blocks of a fixed size freed every
+    # step (a torch step's faults depend on the order its first tensors are freed in, so they cannot be a test).
     def faults(malloc: str) -> int:
         out = subprocess.run([sys.executable, "-m", "tests.programs", "step-page-faults", malloc], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
@@ -56,54 +63,84 @@ def test_freed_memory_is_kept_for_the_next_step():
     assert faults("kept") * 10 < faults("adaptive")
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_step_count_depends_on_the_global_batch_only(world_size):
-    # An elastic run that loses a worker keeps its schedule: as many steps per epoch with any world size,
-    # each rank's equal shard (1003 // world_size images) cut into them.
-    steps = steps_per_epoch(1003, 64)
-    assert steps == 16
-    batches = epoch_batches(1003 // world_size, 0, 5, steps)
-    sizes = {len(batch) for batch in batches}
-    assert len(batches) == 16 and max(sizes) - min(sizes) <= 1 and max(sizes) <= -(-64 // world_size)
+# --- fit() on a real (embedded) Ray --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_training_lowers_the_loss(ray_local, small_train, tmp_path, workers):
-    fitted = train(small_train, tmp_path, f"w{workers}", workers=workers)
-    first, second = losses(fitted)
-    assert second < first
-    assert fitted.history[-1]["accuracy"] > 0.6  # global over all ranks' shards, not one worker's
-    assert fitted.history[-1]["workers"] == workers
-    model, classes = checkpoint.load_model(fitted.checkpoint.path)
+@pytest.fixture(scope="module")
+def small_train(real_data):
+    """4,000 real training images: enough for the loss to fall within two short epochs."""
+    return training_data(real_subset(real_data, 4000, seed=0))
+
+
+def run_fit(training, tmp_path, name, workers=1, **overrides):
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 64, "storage_path": str(tmp_path), "run_name": name, **overrides})
+    return fit(cfg, TrainPlan(num_workers=workers, min_workers=workers, cpus_per_worker=1, use_gpu=False), training)
+
+
+def losses(fitted):
+    return [record["loss"] for record in fitted.history]
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_model_one_worker_trains_and_keep_their_weights_equal(ray_local, small_train, tmp_path):
+    one = run_fit(small_train, tmp_path, "one", workers=1, seed=3, epochs=3)
+    two = run_fit(small_train, tmp_path, "two", workers=2, seed=3, epochs=3)
+    again = run_fit(small_train, tmp_path, "again", workers=2, seed=3, epochs=3)
+
+    for fitted, workers in ((one, 1), (two, 2)):
+        first, *_, last = losses(fitted)
+        assert last < first and fitted.history[-1]["accuracy"] > 0.75  # over every rank's part, not rank 0's
+        assert [r["epoch"] for r in fitted.history] == [1, 2, 3]  # every epoch, though Ray keeps 2 checkpoints
+        record = fitted.history[-1]
+        assert record["workers"] == workers and len(record["nodes"]) == workers
+        assert sum(record["rows"]) == 4000 and max(record["rows"]) - min(record["rows"]) <= 1  # every row, dealt
+        assert len(set(record["weights"])) == 1  # DDP: the ranks end every epoch with the same weights
+    assert len([p for p in (tmp_path / "one").glob("checkpoint_*") if p.is_dir()]) == 2
+    # Two workers on the same data learn what one learns: the same loss curve within a little (their batches
+    # are the same images, split in halves; BatchNorm's statistics and dropout are per rank).
+    assert np.allclose(losses(two), losses(one), atol=0.05), (losses(one), losses(two))
+    # The same seed and worker count: the same parts, the same batches, the same numbers.
+    assert losses(two) == losses(again) and two.history[-1]["weights"] == again.history[-1]["weights"]
+    model, classes = checkpoint.load_model(two.checkpoint.path)
     assert classes == list(data.CLASSES)
 
-
-def test_same_seed_and_workers_give_the_same_metrics(ray_local, small_train, tmp_path):
-    a = train(small_train, tmp_path, "a", workers=2, seed=3)
-    b = train(small_train, tmp_path, "b", workers=2, seed=3)
-    c = train(small_train, tmp_path, "c", workers=2, seed=4)
-    assert losses(a) == losses(b)
-    assert a.history[-1]["accuracy"] == b.history[-1]["accuracy"]
-    assert losses(a) != losses(c)
+    # The worker's side of the start-up, on the record (seconds from fit() called) and in order.
+    line = two.timeline
+    moments = [line[k] for k in ("process", "train_fn", "shard_in_memory", "first_step", "last_step",
+                                 "last_report_returned", "fit_returned")]
+    assert moments == sorted(moments) and moments[0] >= 0, line
+    assert abs(line["fit_called_at"] + line["process"] - two.history[-1]["started"]["process"]) < 1e-3
 
 
-def test_history_keeps_every_epoch_beyond_the_checkpoints_ray_keeps(ray_local, real_data, tmp_path):
-    # Ray Train keeps 2 checkpoints (and their metrics); a run of 3 epochs must still have 3 records.
-    fitted = train(real_subset(real_data, 1000, seed=2), tmp_path, "three", epochs=3)
-    assert [record["epoch"] for record in fitted.history] == [1, 2, 3]
-    assert len([p for p in (tmp_path / "three").glob("checkpoint_*") if p.is_dir()]) == 2
+@pytest.mark.slow
+def test_rows_fetched_by_each_rank_are_its_own_part_in_id_order(ray_local, real_data):
+    split = real_subset(real_data, 1000, seed=1)
+    rows = data.Blocks.put(data.tables(split, rows_per_block=128))  # 8 blocks, the last one short
+
+    @ray.remote(num_cpus=0)
+    def take(rank, world_size):
+        return rows.take(rank, world_size)
+
+    for world_size in (1, 2, 3):
+        parts = ray.get([take.remote(rank, world_size) for rank in range(world_size)])
+        images = np.concatenate([images for images, _ in parts])
+        labels = np.concatenate([labels for _, labels in parts])
+        # Each part in id order, the parts in rank order: together, the split as it was.
+        np.testing.assert_array_equal(images, split.images)
+        np.testing.assert_array_equal(labels, split.labels)
 
 
-def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_local, small_train, tmp_path):
-    # Ray Train's Ctrl-C handler held the finished controller actor (about 0.4 GiB) through inference.
-    from ray.util.state import list_actors
+@pytest.mark.slow
+def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_local, real_data, tmp_path):
+    # Ray Train's Ctrl-C handler held the finished controller actor (hundreds of MB) through inference.
+    from ray._private.state import actors
 
     before = signal.getsignal(signal.SIGINT)
-    train(small_train, tmp_path, "ctrl-c", epochs=1)
+    run_fit(training_data(real_subset(real_data, 500, seed=2)), tmp_path, "ctrl-c", epochs=1)
     assert signal.getsignal(signal.SIGINT) is before
 
     def alive_controllers():
-        return list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+        return [a for a in actors().values() if a["ActorClassName"].endswith("TrainController") and a["State"] == "ALIVE"]
 
     deadline = time.monotonic() + 30
     while alive_controllers() and time.monotonic() < deadline:
@@ -111,32 +148,27 @@ def test_a_finished_fit_leaves_no_controller_behind_and_ctrl_c_as_it_was(ray_loc
     assert not alive_controllers()
 
 
+@pytest.mark.slow
 def test_a_clf_error_raised_in_a_worker_reaches_the_driver_as_one_line(ray_local, real_data, tmp_path):
     # A real one: the run's checkpoint in the storage is damaged, and the worker that resumes from it fails.
-    split = real_subset(real_data, 500, seed=3)
-    first = train(split, tmp_path, "damaged", epochs=1)
+    training = training_data(real_subset(real_data, 500, seed=3))
+    first = run_fit(training, tmp_path, "damaged", epochs=1)
     (Path(first.checkpoint.path) / checkpoint.WEIGHTS).write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match=r"^training failed on worker 0: .*/damaged/checkpoint_.*/model\.pt"):
-        train(split, tmp_path, "damaged", epochs=2, max_failures=0)
+        run_fit(training, tmp_path, "damaged", epochs=2, max_failures=0)
 
 
-def zero_division_in_the_loop(config: dict) -> None:
-    print(1 / 0)
+@pytest.mark.slow
+def test_a_bug_in_a_worker_reaches_the_driver_with_its_type_and_traceback(ray_local, real_data, tmp_path):
+    # Rows that are not Arrow tables: the worker's own code fails on them, as a bug of ours would.
+    from dataclasses import replace
 
+    from ray.train import WorkerGroupError
 
-def test_a_bug_in_a_worker_reaches_the_driver_with_its_type_and_traceback(ray_local, tmp_path):
-    import ray.cloudpickle
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
-    from ray.train.torch import TorchTrainer
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
-    trainer = TorchTrainer(
-        zero_division_in_the_loop,
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="bug", storage_path=str(tmp_path), failure_config=FailureConfig(max_failures=0)),
-    )
+    training = training_data(real_subset(real_data, 100, seed=4))
+    broken = replace(training, train=data.Blocks((ray.put({"not": "a table"}),), (100,)))
     with pytest.raises(WorkerGroupError) as caught:
-        trainer.fit()
-    assert isinstance(caught.value.worker_failures[0], ZeroDivisionError)
-    assert runtime.training_failure(caught.value) is caught.value  # a bug: shown as it is, never one line
-    assert "in zero_division_in_the_loop" in str(caught.value)  # with the worker's traceback
+        run_fit(broken, tmp_path, "bug", epochs=1, max_failures=0)
+    failure = caught.value.worker_failures[0]
+    assert not isinstance(failure, CheckpointError)  # not one of ours: shown as it is, never as one line
+    assert "in take" in str(caught.value)  # with the worker's traceback, down to where it failed

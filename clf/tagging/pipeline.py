@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Iterator
 import shutil
 import time
 from collections import Counter
@@ -31,13 +32,13 @@ import pyarrow.parquet as pq
 import ray.data
 
 from clf import checkpoint as ckpt
-from clf import console, runtime, storage
+from clf import console, plan, runtime, storage
 from clf.catalog import read_in_blocks, read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
 from clf.report import provenance, reason_counts, text_table
-from clf.runtime import InferPlan
+from clf.plan import InferPlan
 
 TOP_K = 3
 COLUMNS = [
@@ -116,11 +117,12 @@ def list_inputs(source: str) -> list[str]:
     return [place.resolve(entry) for entry in column.fillna("").astype(str)]
 
 
-def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) -> pd.DataFrame:
-    """The predictor's output as tag rows; a row with an error gets no tag."""
-    ok = (batch["error"] == "").to_numpy()
-    top_classes = np.stack(batch["top_classes"].to_numpy())
-    top_probs = np.stack(batch["top_probs"].to_numpy())
+def tag_columns(top_classes: np.ndarray, top_probs: np.ndarray, errors: np.ndarray, classes: list[str],
+                review_threshold: float) -> dict:
+    """The columns of a tags file but `path`, from the predictor's k likeliest classes and their probabilities
+    for each photo ((N, k) arrays) and each photo's error ("" when it was read): a photo with an error gets no
+    tag (missing values), and needs no review. Tagging's rows and serving's answers alike."""
+    ok = errors == ""
     names = np.asarray(classes, dtype=object)
 
     def tag_or_none(ids):
@@ -129,15 +131,22 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
     def value_or_na(values, dtype):
         return pd.array(np.where(ok, values, None), dtype=dtype)
 
-    rows = {"index": batch["index"], "path": batch["path"], "node": batch["node"]}
+    columns = {}
     for k in range(TOP_K):
-        rows[f"top{k + 1}"] = tag_or_none(top_classes[:, k])
-        rows[f"top{k + 1}_prob"] = value_or_na(top_probs[:, k], "Float64")
-    rows["tag"], rows["confidence"] = rows["top1"], rows["top1_prob"]
-    rows["class_id"] = value_or_na(top_classes[:, 0], "Int64")
-    rows["needs_review"] = ok & (top_probs[:, 0] < review_threshold)
-    rows["error"] = batch["error"].astype(str)
-    return pd.DataFrame(rows)
+        columns[f"top{k + 1}"] = tag_or_none(top_classes[:, k])
+        columns[f"top{k + 1}_prob"] = value_or_na(top_probs[:, k], "Float64")
+    columns["tag"], columns["confidence"] = columns["top1"], columns["top1_prob"]
+    columns["class_id"] = value_or_na(top_classes[:, 0], "Int64")
+    columns["needs_review"] = ok & (top_probs[:, 0] < review_threshold)
+    columns["error"] = errors.astype(str)
+    return columns
+
+
+def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) -> pd.DataFrame:
+    """The predictor's output as rows of tags (and the input's `index` and the `node` that tagged it)."""
+    columns = tag_columns(np.stack(batch["top_classes"].to_numpy()), np.stack(batch["top_probs"].to_numpy()),
+                          batch["error"].to_numpy().astype(str), classes, review_threshold)
+    return pd.DataFrame({"index": batch["index"], "path": batch["path"], "node": batch["node"], **columns})
 
 
 def run(cfg: TagConfig) -> TagResult:
@@ -145,19 +154,20 @@ def run(cfg: TagConfig) -> TagResult:
     ckpt.build(model)
     paths = list_inputs(cfg.input)
     with storage.staged_output(cfg.output, last=SUMMARY) as staging:
-        runtime.connect(cfg.ray_logs)
+        runtime.connect(cfg.ray_logs, cfg.dashboard)
         cluster = runtime.cluster_nodes()
-        plan = runtime.plan_tagging(cfg, cluster, len(paths))
+        pool = plan.plan_tagging(cfg, cluster, len(paths))
         local = [path for path in (storage.local_path(p) for p in paths if p) if path]
         runtime.refuse_unseen(cluster, storage.sample(local), f"--input {cfg.input} (its photos)")
-        print(f"tagging {len(paths):,} files from {cfg.input} with {plan.num_actors} predictor actor(s)",
+        print(f"tagging {len(paths):,} files from {cfg.input} with {pool.num_actors} predictor actor(s)",
               flush=True)
         started = time.perf_counter()
         result = TagResult(cfg.output)
         parts = staging / ".parts"
         parts.mkdir()
         with console.Progress("tagging", len(paths), "files") as progress:
-            for predicted in _each_input_once(_tag(cfg, plan, paths, model), len(paths)):
+            tagged = _tag(cfg, pool, paths, model).iter_batches(batch_size=None, batch_format="pandas")
+            for predicted in each_input_once(tagged, len(paths)):
                 rows = to_rows(predicted, model.classes, cfg.review_threshold)
                 if not result.first_batch_files:
                     result.first_batch_s, result.first_batch_files = time.perf_counter() - started, len(rows)
@@ -170,21 +180,21 @@ def run(cfg: TagConfig) -> TagResult:
     return result
 
 
-def _tag(cfg: TagConfig, plan: InferPlan, paths: list[str], model: ckpt.ModelFiles) -> ray.data.Dataset:
+def _tag(cfg: TagConfig, pool: InferPlan, paths: list[str], model: ckpt.ModelFiles) -> ray.data.Dataset:
     """The Ray Data job: read and convert each file (on CPUs fused into the predictor actors, their resources
     being the same; CPU tasks beside GPU actors), then predict. Each block is a run of consecutive inputs
     (`index`), and stays whole to the end. The rows of tags are made by the driver as blocks arrive: as a
     task of its own, that cheap step waited for a CPU the actors held, and every block with it."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
-    prepared = read_in_blocks(listing, cfg.batch_size, num_cpus=plan.cpus_per_actor or 1)
-    return predict(prepared, model, plan, None, top_k=TOP_K)
+    prepared = read_in_blocks(listing, cfg.batch_size, num_cpus=pool.cpus_per_actor or 1)
+    return predict(prepared, model, pool, None, top_k=TOP_K)
 
 
-def _each_input_once(tagged: ray.data.Dataset, count: int):
-    """The rows, block by block as they come back (in any order); exactly one row per input, checked at the
-    end: never a result that looks complete and is not."""
+def each_input_once(tagged: Iterable[pd.DataFrame], count: int) -> Iterator[pd.DataFrame]:
+    """The blocks of rows as they come back (in any order), each a run of consecutive inputs (`index`);
+    exactly one row per input, checked at the end: never a result that looks complete and is not."""
     runs, done = [], 0
-    for rows in tagged.iter_batches(batch_size=None, batch_format="pandas"):
+    for rows in tagged:
         index = rows["index"].to_numpy()
         if not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
             raise ClfError(f"tagging returned a batch of rows that is not a run of consecutive inputs (from {index[0]})")
