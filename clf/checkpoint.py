@@ -3,7 +3,7 @@ URI), `build` the model (resume, evaluation and tagging all do; `load_model` is 
 
 Layout:
     model.pt        the model's state_dict (tensors only: loaded with weights_only=True)
-    model.json      the model's constructor arguments and the class names, in class-index order
+    model.json      the model's constructor arguments, the class names in class-index order, the run's name
     train_state.pt  optimizer, schedule and epoch, for resuming (not needed for inference)
 """
 
@@ -26,15 +26,19 @@ from clf.model import FashionCNN
 WEIGHTS = "model.pt"
 MODEL_CONFIG = "model.json"
 TRAIN_STATE = "train_state.pt"
+# Where a training run's outputs keep the final model.
+RUN_CHECKPOINT = "checkpoint"
 
 
-def save(folder: str | Path, model: torch.nn.Module, classes, train_state: dict | None = None) -> None:
+def save(folder: str | Path, model: torch.nn.Module, classes, train_state: dict | None = None,
+         run: str | None = None) -> None:
+    """`run`: the training run's name, which serving's answers name the model by."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     torch.save(model.state_dict(), folder / WEIGHTS)
     (folder / MODEL_CONFIG).write_text(
-        json.dumps({"model": model.config, "classes": list(classes)}, indent=2) + "\n"
+        json.dumps({"model": model.config, "classes": list(classes), "run": run}, indent=2) + "\n"
     )
     if train_state is not None:
         torch.save(train_state, folder / TRAIN_STATE)
@@ -55,8 +59,9 @@ class ModelFiles:
 
 
 def read(location: str, filesystem: pafs.FileSystem | None = None) -> ModelFiles:
-    """The model files of the checkpoint folder at `location`: a local folder or a URI (s3://, gs://,
-    file://), or a path in `filesystem` (a `ray.train.Checkpoint`'s `path` and `filesystem`)."""
+    """The model files of the checkpoint folder at `location`, or of the `checkpoint/` folder of the training
+    run's outputs at `location`: a local folder or a URI (s3://, gs://, file://), or a path in `filesystem` (a
+    `ray.train.Checkpoint`'s `path` and `filesystem`)."""
     if filesystem is None:
         try:
             place = storage.Place.of(location)
@@ -71,6 +76,9 @@ def read(location: str, filesystem: pafs.FileSystem | None = None) -> ModelFiles
         raise CheckpointError(f"checkpoint folder {shown} cannot be reached ({first_line(e)})") from None
     if kind != pafs.FileType.Directory:
         raise CheckpointError(f"checkpoint folder {shown} does not exist")
+    run_outputs = storage.Place(place.fs, posixpath.join(place.path, RUN_CHECKPOINT), place.scheme)
+    if (not _exists(place, MODEL_CONFIG)) and _exists(run_outputs, MODEL_CONFIG):
+        place, shown = run_outputs, f"{shown.rstrip('/')}/{RUN_CHECKPOINT}"
 
     def contents(name: str) -> bytes:
         try:
@@ -83,10 +91,17 @@ def read(location: str, filesystem: pafs.FileSystem | None = None) -> ModelFiles
     description = contents(MODEL_CONFIG)
     try:
         meta = json.loads(description)
-        meta = {"model": dict(meta["model"]), "classes": [str(c) for c in meta["classes"]]}
+        meta = {"model": dict(meta["model"]), "classes": [str(c) for c in meta["classes"]], "run": meta.get("run")}
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{shown}/{MODEL_CONFIG} is not a valid model description ({e})") from None
     return ModelFiles(shown, contents(WEIGHTS), meta)
+
+
+def _exists(place: storage.Place, name: str) -> bool:
+    try:
+        return place.fs.get_file_info(posixpath.join(place.path, name)).type == pafs.FileType.File
+    except OSError:
+        return False
 
 
 def _torch_load(source, name: str, device: str | torch.device):

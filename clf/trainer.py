@@ -141,7 +141,7 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
             "settings": run_settings(cfg, identity),
             "history": history,
         }
-        ckpt.save(folder, learner.model, classes, train_state)
+        ckpt.save(folder, learner.model, classes, train_state, run=cfg.run_name)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
