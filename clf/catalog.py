@@ -106,6 +106,7 @@ class Catalog:
     held: pd.DataFrame
     classes: list[str]
     seed: int
+    fraction: float  # of each class held out for evaluation (and, of the rest, for validation)
 
     @cached_property
     def identity(self) -> str:
@@ -122,17 +123,22 @@ class Catalog:
         local = [path for path in (storage.local_path(p) for p in self._listed()["path"] if p) if path]
         runtime.refuse_unseen(cluster, storage.sample(local), f"--train-data {self.source} (its photos)")
 
-    def prepare(self) -> TrainingData:
-        """Read and convert every photo once, training and evaluation photos in blocks of their own (a Ray task
-        each, spread over the nodes); skip and list the ones that cannot be read."""
+    def prepare(self, validation: bool = False) -> TrainingData:
+        """Read and convert every photo once, training and evaluation photos (and validation photos, held out
+        of the training ones as the evaluation photos are of all, if asked for) in blocks of their own (a Ray
+        task each, spread over the nodes); skip and list the ones that cannot be read."""
         frame = self._listed()
+        if validation:
+            _, held = hold_out(self.train, self.fraction, self.seed + 1)
+            frame.loc[frame["split"].eq("train") & frame["path"].isin(set(held["path"])), "split"] = "validation"
         frame["id"] = np.arange(len(frame))
         frame["name"] = frame["label"]
         frame["label"] = frame["label"].map({name: i for i, name in enumerate(self.classes)}).astype(np.int64)
         # Rows in a seeded random order: the listing is sorted by class, and a block of one class would make
         # the evaluation's first batches one class each.
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
-        parts = {split: frame[frame["split"] == split] for split in ("train", "eval")}
+        parts = {split: frame[frame["split"] == split] for split in ("train", "validation", "eval")
+                 if (frame["split"] == split).any()}
         with console.Progress("reading photos", len(frame), "photos") as progress:
             read = read_blocks(parts, PHOTOS_PER_BLOCK, progress)
         outcome = pd.concat([pd.DataFrame(o) for split in read for o, _ in read[split]]).set_index("id")
@@ -141,7 +147,8 @@ class Catalog:
         good = frame[frame["error"] == ""]
         eval_rows = good.loc[good["split"] == "eval", ["id", "path", "label"]].reset_index(drop=True)
         held = [ref for o, ref in read["eval"] if (o["error"] == "").any()]
-        train = Blocks(*zip(*[(ref, int((o["error"] == "").sum())) for o, ref in read["train"]]))
+        train, held_out = (Blocks(*zip(*[(ref, int((o["error"] == "").sum())) for o, ref in read[split]]))
+                           if split in read else None for split in ("train", "validation"))
         return TrainingData(
             classes=self.classes, source=self.source,
             # The photos actually used, with the bytes read: a photo that could not be read this time (a
@@ -151,7 +158,7 @@ class Catalog:
             train=train, num_train=train.num_rows, eval_rows=eval_rows,
             eval_dataset=lambda: ray.data.from_arrow_refs(held),
             images_of=lambda ids: _images(eval_rows.set_index("id").loc[ids, "path"]),
-            skipped=skipped, eval_name="evaluation photos",
+            skipped=skipped, eval_name="evaluation photos", validation=held_out,
         )
 
     def _check_readable(self, frame: pd.DataFrame) -> list[dict]:
@@ -217,4 +224,5 @@ def open_catalog(cfg: TrainConfig) -> Catalog:
         raise DataError(f"the evaluation photos have class {strangers[0]!r}, which the training photos lack")
     if held.empty:
         raise DataError(f"no photo is held out for evaluation from --train-data {cfg.train_data}")
-    return Catalog(source=str(cfg.train_data), train=train, held=held, classes=classes, seed=cfg.seed)
+    return Catalog(source=str(cfg.train_data), train=train, held=held, classes=classes, seed=cfg.seed,
+                   fraction=cfg.eval_fraction)

@@ -31,14 +31,16 @@ RUN_CHECKPOINT = "checkpoint"
 
 
 def save(folder: str | Path, model: torch.nn.Module, classes, train_state: dict | None = None,
-         run: str | None = None) -> None:
-    """`run`: the training run's name, which serving's answers name the model by."""
+         run: str | None = None, mlflow_run_id: str | None = None) -> None:
+    """`run`: the training run's name, which serving's answers name the model by; `mlflow_run_id`: its MLflow
+    run, if tracked, which tagging's runs link to."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     torch.save(model.state_dict(), folder / WEIGHTS)
     (folder / MODEL_CONFIG).write_text(
-        json.dumps({"model": model.config, "classes": list(classes), "run": run}, indent=2) + "\n"
+        json.dumps({"model": model.config, "classes": list(classes), "run": run, "mlflow_run_id": mlflow_run_id},
+                   indent=2) + "\n"
     )
     if train_state is not None:
         torch.save(train_state, folder / TRAIN_STATE)
@@ -91,7 +93,8 @@ def read(location: str, filesystem: pafs.FileSystem | None = None) -> ModelFiles
     description = contents(MODEL_CONFIG)
     try:
         meta = json.loads(description)
-        meta = {"model": dict(meta["model"]), "classes": [str(c) for c in meta["classes"]], "run": meta.get("run")}
+        meta = {"model": dict(meta["model"]), "classes": [str(c) for c in meta["classes"]], "run": meta.get("run"),
+                "mlflow_run_id": meta.get("mlflow_run_id")}
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{shown}/{MODEL_CONFIG} is not a valid model description ({e})") from None
     return ModelFiles(shown, contents(WEIGHTS), meta)

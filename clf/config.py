@@ -82,9 +82,16 @@ class TrainConfig:
     weight_decay: float = setting(5e-4, help="Adam's L2 penalty", check=non_negative_number)
     label_smoothing: float = setting(0.1, help="cross-entropy label smoothing (worth about half a point of test "
                                                "accuracy at two epochs)", check=number_in(0, 1, high_included=False))
-    num_workers: int | None = setting(None, help="training workers (DDP). Default: 1 on CPU (one process using "
-                                                 "every core beats several single-threaded ones on a small machine), "
-                                                 "one per GPU of the cluster with --use-gpu", check=at_least(1))
+    width: float = setting(1.0, help="the network's width: its channels and hidden units, times this",
+                           check=positive_number)
+    validation: bool = setting(False, help="hold out a validation split from the training data (Fashion-MNIST: a "
+                                           "fixed 5,000 of the 60,000; a catalog: --eval-fraction of each class's "
+                                           "training photos) and report its accuracy every epoch, as jobs/tune.py "
+                                           "selects on it")
+    num_workers: int | None = setting(None, help="training workers (DDP). Default: one per node of the cluster, "
+                                                 "using all its CPUs (one process using every core beats several "
+                                                 "single-threaded ones), one per GPU with --use-gpu",
+                                      check=at_least(1))
     min_workers: int | None = setting(None, help="elastic training: the fewest workers a run goes on with when "
                                                  "nodes are lost (or not there at the start). Default: exactly "
                                                  "--num-workers, waiting for lost ones to be replaced",
@@ -121,11 +128,15 @@ class TrainConfig:
     infer_batch_size: int = setting(1024, help="images per batch of the Ray Data inference job", check=at_least(1))
     num_infer_actors: int | None = setting(None, help="inference actors, each holding one copy of the model. Default: "
                                                       "one single-threaded actor per CPU of the cluster (one per GPU "
-                                                      "with --use-gpu) or one per batch, whichever is fewer",
+                                                      "with --use-gpu) or one per batch of --infer-batch-size, "
+                                                      "whichever is fewer",
                                             check=at_least(1))
     ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
                                          "lines, what Ray's worker processes print); Ray writes them to its log "
                                          "files either way")
+    tracking_uri: str | None = setting(None, help="log the run to MLflow: a tracking URI (sqlite:///mlflow.db, "
+                                                  "http://HOST:5000). Default: $MLFLOW_TRACKING_URI; none: no "
+                                                  "tracking", check=a_path)
     dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
                                           "own; a cluster's dashboard is the cluster's affair")
 
@@ -169,6 +180,9 @@ class TagConfig:
     ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
                                          "lines, what Ray's worker processes print); Ray writes them to its log "
                                          "files either way")
+    tracking_uri: str | None = setting(None, help="log the run to MLflow: a tracking URI (sqlite:///mlflow.db, "
+                                                  "http://HOST:5000). Default: $MLFLOW_TRACKING_URI; none: no "
+                                                  "tracking", check=a_path)
     dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
                                           "own; a cluster's dashboard is the cluster's affair")
 
@@ -219,3 +233,41 @@ class ServeConfig:
         check_fields(self)
         if self.min_replicas > self.max_replicas:
             raise ConfigError(f"min_replicas ({self.min_replicas}) is more than max_replicas ({self.max_replicas})")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int = setting(8, help="settings tried (each a training run of its own, on the validation split)",
+                          check=at_least(1))
+    epochs: int = setting(2, help="epochs a trial runs at most (ASHA stops the weaker ones earlier), and the epochs "
+                                  "of the final run with the best settings", check=at_least(1))
+    grace_epochs: int = setting(1, help="epochs every trial runs before ASHA may stop it", check=at_least(1))
+    workers_per_trial: int = setting(1, help="training workers of each trial", check=at_least(1))
+    cpus_per_worker: int = setting(1, help="CPUs of each trial's workers; trials run side by side as the cluster's "
+                                           "CPUs allow", check=at_least(1))
+    seed: int = setting(0, help="seeds the settings drawn, and every trial's training", check=at_least(0))
+    data_dir: str | None = setting(None, help="as jobs/train.py's --data-dir", check=a_path)
+    train_data: str | None = setting(None, help="as jobs/train.py's --train-data: search on a store's catalog",
+                                     check=a_path)
+    eval_data: str | None = setting(None, help="as jobs/train.py's --eval-data", check=a_path)
+    eval_fraction: float = setting(0.1, help="as jobs/train.py's --eval-fraction (the validation photos are held out "
+                                             "of the training photos the same way)",
+                                   check=number_in(0, 1, high_included=False))
+    output: str | None = setting(None, help="new folder for the best settings' run (its usual outputs) and trials.csv. "
+                                            "Default: runs/<timestamp>", check=a_path)
+    storage_path: str | None = setting(None, help="where the search and its trials keep their state (a URI on a "
+                                                  "cluster). Default: ~/ray_results", check=a_path)
+    run_name: str | None = setting(None, help="the search's folder in --storage-path; started again with the same "
+                                              "name, an interrupted search resumes. Default: a new name", check=plain_name)
+    tracking_uri: str | None = setting(None, help="log the search to MLflow (each trial a nested run, and the final "
+                                                  "run). Default: $MLFLOW_TRACKING_URI", check=a_path)
+    ray_logs: bool = setting(False, help="show Ray's own console lines too")
+    dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
+                                          "own")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.grace_epochs > self.epochs:
+            raise ConfigError(f"grace_epochs ({self.grace_epochs}) is more than epochs ({self.epochs})")
+        if self.eval_data is not None and self.train_data is None:
+            raise ConfigError("--eval-data needs --train-data (Fashion-MNIST is evaluated on its test set)")

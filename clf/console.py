@@ -49,8 +49,10 @@ class Progress:
             print(self.line(), flush=True)
 
     def line(self) -> str:
-        return tqdm.format_meter(self.done, self.total, time.perf_counter() - self.started, prefix=self.what,
+        line = tqdm.format_meter(self.done, self.total, time.perf_counter() - self.started, prefix=self.what,
                                  unit=self.unit, bar_format=LINE)
+        return " ".join(line.split())  # tqdm pads a rate under 10/s to 5 characters: ", 8.73 images/s" not ",  8.73"
+
 
     def write(self, text: str) -> None:
         """A line of ours while the bar is up (above it, on a terminal)."""

@@ -40,6 +40,11 @@ CLASSES = (
 PIXEL_MEAN = 0.2860
 PIXEL_STD = 0.3530
 
+# The validation split (--validation, jobs/tune.py): this many training images (a twelfth of fewer), the same
+# ones every run.
+VALIDATION_ROWS = 5000
+VALIDATION_SEED = 20171025  # Fashion-MNIST's release; any fixed number would do
+
 DATA_DIR_ENV = "CLF_DATA_DIR"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -74,6 +79,7 @@ class TrainingData:
     images_of: Callable[[np.ndarray], np.ndarray]  # evaluation ids -> their 28x28 images (the report's)
     skipped: list[dict] = field(default_factory=list)  # files left out: {"path", "reason"}
     eval_name: str = "test images"  # what the evaluation rows are, for people
+    validation: Blocks | None = None  # rows held out of training to select settings on (never the test set)
 
     @property
     def unit(self) -> str:
@@ -89,12 +95,19 @@ class FashionMNIST:
 
     identity = "fashion-mnist"  # what a resumed run must find again: read on the driver, checked on reading
 
-    def prepare(self) -> TrainingData:
+    def prepare(self, validation: bool = False) -> TrainingData:
+        """The training rows in Ray's object store (less a fixed validation split, if asked for), and the test
+        set to evaluate on."""
+        ids = np.arange(len(self.train.labels))
+        count = min(VALIDATION_ROWS, len(ids) // 12) if validation else 0  # 5,000 of 60,000: a twelfth of less
+        held = np.sort(np.random.default_rng(VALIDATION_SEED).permutation(ids)[:count])
+        kept = np.setdiff1d(ids, held)
         return TrainingData(
-            classes=list(CLASSES), source=self.source, identity=self.identity, train=Blocks.put(tables(self.train)),
-            num_train=len(self.train.labels),
+            classes=list(CLASSES), source=self.source, identity=self.identity,
+            train=Blocks.put(tables(self.train, ids=kept)), num_train=len(kept),
             eval_rows=pd.DataFrame({"id": np.arange(len(self.test.labels)), "label": self.test.labels}),
             eval_dataset=lambda: to_ray_dataset(self.test), images_of=lambda ids: self.test.images[ids],
+            validation=Blocks.put(tables(self.train, ids=held)) if count else None,
         )
 
 
@@ -217,19 +230,20 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
-def tables(split: Split, rows_per_block: int = 2500) -> list:
-    """The split as Arrow tables of `rows_per_block` rows (id, label, image); `id` is the row's index in the
-    split."""
+def tables(split: Split, rows_per_block: int = 2500, ids: np.ndarray | None = None) -> list:
+    """The split's rows `ids` (default: all) as Arrow tables of `rows_per_block` rows (id, label, image); `id`
+    is the row's index in the split."""
     import pyarrow as pa
 
+    ids = np.arange(len(split.labels)) if ids is None else np.asarray(ids, dtype=np.int64)
     return [
         pa.table({
-            "id": pa.array(np.arange(start, min(start + rows_per_block, len(split.labels)), dtype=np.int64)),
-            "label": pa.array(split.labels[start:start + rows_per_block]),
+            "id": pa.array(part),
+            "label": pa.array(split.labels[part]),
             # Arrow's own fixed-shape tensor type: Ray Data reads it, and making it needs no Ray.
-            "image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(split.images[start:start + rows_per_block])),
+            "image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(split.images[part])),
         })
-        for start in range(0, len(split.labels), rows_per_block)
+        for part in (ids[start:start + rows_per_block] for start in range(0, len(ids), rows_per_block))
     ]
 
 

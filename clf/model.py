@@ -53,5 +53,12 @@ class FashionCNN(nn.Module):
         # into either layout.
         self.to(memory_format=torch.channels_last)
 
+    @classmethod
+    def of_width(cls, width: float = 1.0, **kwargs) -> FashionCNN:
+        """The shipped shape with `width` times its channels and hidden units (at least one each)."""
+        defaults = cls.__init__.__defaults__  # (channels, hidden, num_classes, dropout)
+        return cls(channels=tuple(max(1, round(c * width)) for c in defaults[0]),
+                   hidden=max(1, round(defaults[1] * width)), **kwargs)
+
     def forward(self, x):
         return self.classifier(self.features(x))

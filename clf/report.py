@@ -25,6 +25,8 @@ PACKAGES = ("torch", "torchvision", "ray", "torchmetrics", "numpy", "pyarrow")
 FORMATS = {
     "precision": "{:.4f}", "recall": "{:.4f}", "loss": "{:.4f}", "train accuracy": "{:.4f}",
     "images/s": "{:,.0f}", "elapsed s": "{:.1f}", "count": "{:,}",
+    # jobs/tune.py's trials
+    "lr": "{:.4g}", "weight_decay": "{:.2g}", "label_smoothing": "{:.3f}", "width": "{:g}", "val_accuracy": "{:.4f}",
 }
 TEXT_COLUMNS = ("class", "tag")  # left-aligned on the terminal
 

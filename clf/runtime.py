@@ -240,6 +240,20 @@ def serve_env(proxy: str) -> None:
             os.environ.pop(key, None)
 
 
+# Ray Tune (2.60) prints its own progress (a configuration box, trial tables, where to find results and how to
+# start TensorBoard) whatever `verbose` says, unless its older output engine is chosen; and it writes a CSV,
+# JSON and TensorBoard log of every trial unless told not to. The job prints its own lines, and keeps what it
+# needs (trials.csv).
+TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def quiet_tune(ray_logs: bool) -> None:
+    """Before Tune starts: its console lines and per-trial loggers off unless `ray_logs` (see TUNE_ENV)."""
+    if not ray_logs:
+        os.environ.update(TUNE_ENV)
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
+
+
 def serve_logging(ray_logs: bool):
     """Serve's logging for its controller, proxies and replicas: to their log files, and only warnings up unless
     `ray_logs` (its access log of every request stays in the replicas' files)."""

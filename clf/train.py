@@ -51,7 +51,7 @@ class Learner:
 
 def new_model(cfg: TrainConfig, num_classes: int) -> FashionCNN:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    return FashionCNN(num_classes=num_classes)
+    return FashionCNN.of_width(cfg.width, num_classes=num_classes)
 
 
 def make_learner(cfg: TrainConfig, model: nn.Module, num_images: int, state: dict | None = None) -> Learner:
@@ -142,15 +142,33 @@ def train_epoch(learner: Learner, batches: Iterable[Batch], epoch: int, cfg: Tra
             after_step(epoch, steps)
 
 
+@torch.no_grad()
+def validate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
+             batch_size: int = 1024) -> torch.Tensor:
+    """This rank's (cross-entropy summed over images, correct predictions, images) on held-out rows, in eval
+    mode (dropout off, BatchNorm's running statistics), as float64 on `device`."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, len(labels), batch_size):
+        x = preprocess(torch.from_numpy(images[start:start + batch_size]).to(device))
+        y = torch.from_numpy(labels[start:start + batch_size]).to(device)
+        logits = model(x)
+        totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
+        totals[1] += (logits.argmax(1) == y).sum()
+        totals[2] += len(y)
+    return totals
+
+
 def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Batch]], cfg: TrainConfig, *,
                  start_epoch: int = 0, rank: int = 0, device: torch.device = torch.device("cpu"),
                  reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.cpu(),
                  after_epoch: Callable[[dict], None] = lambda record: None,
-                 after_step: Callable[[int, int], None] | None = None) -> list[dict]:
+                 after_step: Callable[[int, int], None] | None = None, validation: Batch | None = None) -> list[dict]:
     """The loop every worker runs, and the plain baseline too: epochs `start_epoch`..cfg.epochs over the
     batches `batches_of_epoch(epoch)` gives, each ending in a record (loss, accuracy, images/s, elapsed,
-    seconds this rank waited for data) of the totals `reduce` sums over the ranks, handed to `after_epoch`
-    (Ray's report and checkpoint). Returns the records."""
+    seconds this rank waited for data; with `validation`, this rank's held-out rows, their loss and accuracy)
+    of the totals `reduce` sums over the ranks, handed to `after_epoch` (Ray's report and checkpoint). Returns
+    the records."""
     keep_freed_memory()
     started, records = time.perf_counter(), []
     for epoch in range(start_epoch, cfg.epochs):
@@ -168,6 +186,9 @@ def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Ba
             "loop_s": loop_s,  # first batch to last optimizer step, this rank's (before the reduce and report)
             "data_wait_s": waited,  # rank 0's (or this rank's): time the loop stood waiting for a batch
         }
+        if validation is not None:
+            val_loss, val_correct, val_count = reduce(validate(learner.model, *validation, device)).tolist()
+            record |= {"val_loss": val_loss / val_count, "val_accuracy": val_correct / val_count}
         records.append(record)
         after_epoch(record)
     return records

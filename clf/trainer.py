@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 
 from clf import checkpoint as ckpt
-from clf import console, runtime, storage
+from clf import console, runtime, storage, tracking
 from clf.config import TrainConfig
 from clf.data import TrainingData
 from clf.errors import ClfError, ConfigError, Interrupted
@@ -38,7 +38,7 @@ from clf.plan import Cluster, TrainPlan
 from clf.train import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
 
 # The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
-RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
+RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "width", "validation", "seed")
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
-    board = Board(loop_config["board"]) if rank == 0 else None
+    board = Board(loop_config["board"]) if rank == 0 and loop_config["board"] else None
     images, labels = loop_config["rows"].take(rank, world_size)
+    held_out = loop_config["validation"].take(rank, world_size) if loop_config["validation"] else None
     # When this attempt's worker started, entered the loop and held its part (rank 0's; unix seconds).
     started = {"process": psutil.Process().create_time(), "train_fn": entered, "shard_in_memory": time.time()}
 
@@ -92,13 +93,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    # Each rank's weights, digested: DDP keeps them equal, and rank 0's checkpoint stands for all.
                    "weights": _each_rank(weights_digest(learner.model)), "started": dict(started)}
         history.append(record)
-        _report(record, learner, history, rank, cfg, classes, loop_config["identity"])
+        _report(record, learner, history, rank, cfg, classes, loop_config["identity"], loop_config["mlflow_run_id"])
         if board:
             board.epoch_done(record, last_step=last_step[0], reported=time.time())
 
     train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, num_train), cfg,
                  start_epoch=start_epoch, rank=rank, device=device, reduce=_all_reduce, after_epoch=report,
-                 after_step=after_step)
+                 after_step=after_step, validation=held_out)
 
 
 def _each_rank(value) -> list:
@@ -128,20 +129,21 @@ def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
 
 
 def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg: TrainConfig, classes: list[str],
-            identity: dict) -> None:
+            identity: dict, mlflow_run_id: str | None) -> None:
     """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, as the weights agree."""
     if rank != 0:
         ray.train.report(record)
         return
     with tempfile.TemporaryDirectory(prefix="clf-ckpt-") as folder:
         train_state = {
+            "mlflow_run_id": mlflow_run_id,
             "optimizer": learner.optimizer.state_dict(),
             "scheduler": learner.scheduler.state_dict(),
             "epoch": record["epoch"],  # epochs completed
             "settings": run_settings(cfg, identity),
             "history": history,
         }
-        ckpt.save(folder, learner.model, classes, train_state, run=cfg.run_name)
+        ckpt.save(folder, learner.model, classes, train_state, run=cfg.run_name, mlflow_run_id=mlflow_run_id)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -173,9 +175,9 @@ class Board:
 
 
 def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int, unit: str,
-                   stop: threading.Event) -> dict:
+                   stop: threading.Event, on_epoch=None) -> dict:
     """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one line
-    for each epoch done and each note. Returns the board's last state."""
+    for each epoch done (handed to `on_epoch` too) and each note. Returns the board's last state."""
     progress, shown, finished, seen, state = None, -1, 0, (0, 0), {}
     while True:
         stopping = stop.wait(0.5)  # once set: the last records, then done
@@ -193,6 +195,8 @@ def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int,
                 progress = None
             finished = max(finished, record["epoch"])
             _print(epoch_line(record, cfg.epochs, unit))
+            if on_epoch is not None:
+                on_epoch(record)
         if stopping:
             break
         epoch, steps, total = state.get("step", (0, 0, 0))
@@ -208,8 +212,9 @@ def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int,
 
 
 def epoch_line(record: dict, epochs: int, unit: str = "images") -> str:
-    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train accuracy {record['accuracy']:.4f}, "
-            f"{record['images_per_s']:,.0f} {unit}/s, {record['elapsed_s']:.1f} s")
+    held_out = f", validation accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train accuracy {record['accuracy']:.4f}"
+            f"{held_out}, {record['images_per_s']:,.0f} {unit}/s, {record['elapsed_s']:.1f} s")
 
 
 def _print(line: str) -> None:
@@ -266,7 +271,8 @@ def resume_notice(cfg: TrainConfig, earlier: dict | None, listing: str) -> str:
     if earlier is None:
         return (f"run {cfg.run_name}: checkpoints in {run_folder(cfg)} "
                 f"(if this run is interrupted, start it again with --run-name {cfg.run_name} to resume it)")
-    before = earlier.get("settings", {})
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    before = {name: defaults[name] for name in RESUME_SETTINGS} | earlier.get("settings", {})  # older checkpoints
     changed = [f"{name} {before.get(name)!r} -> {getattr(cfg, name)!r}" for name in RESUME_SETTINGS
                if before.get(name) != getattr(cfg, name)]
     if changed:
@@ -297,9 +303,11 @@ def check_same_photos(cfg: TrainConfig, earlier: dict | None, photos: str) -> No
         )
 
 
-def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | None = None) -> Fitted:
+def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | None = None, tracker=None) -> Fitted:
     """Train with a TorchTrainer on the connected Ray cluster, as `plan` says. `listing`: the identity of the
-    listing the data was read from (default: the data's own), kept in each checkpoint for a resume.
+    listing the data was read from (default: the data's own), kept in each checkpoint for a resume. `tracker`:
+    the run's MLflow run (clf.tracking), which gets each epoch's record as it is reported, and whose id every
+    checkpoint keeps.
 
     Ctrl-C raises `Interrupted`, saying which checkpoint is kept and how to resume. The timeline:
     when fit() was called (unix seconds), then seconds from it to when rank 0 of the last attempt started its
@@ -309,12 +317,14 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     board_key = f"{cfg.run_name}-{secrets.token_hex(4)}"
     board, stop = runtime.Noticeboard(board_key), threading.Event()
     state: dict = {}
-    shower = threading.Thread(target=lambda: state.update(_show_progress(board, cfg, data.num_train, data.unit, stop)),
-                              daemon=True)
+    on_epoch = (lambda record: tracker.metrics(tracking.epoch_metrics(record), step=record["epoch"])) if tracker else None
+    shower = threading.Thread(target=lambda: state.update(_show_progress(board, cfg, data.num_train, data.unit, stop,
+                                                                         on_epoch)), daemon=True)
     shower.start()
     with runtime.ctrl_c_kept():
         try:
-            result = _trainer(cfg, plan, data, listing or data.identity, board_key).fit()
+            result = _trainer(cfg, plan, data, listing or data.identity, board_key,
+                              tracker.run_id if tracker else None).fit()
         except KeyboardInterrupt:
             raise Interrupted(interrupted(cfg)) from None
         except Exception as e:
@@ -356,10 +366,15 @@ def interrupted(cfg: TrainConfig) -> str:
             f"start it again with --run-name {cfg.run_name} (and the same settings) to resume it")
 
 
-def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board: str):
+def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board: str | None,
+             mlflow_run_id: str | None, callbacks: list | None = None):
+    """The TorchTrainer of a run: `board`, the key of the noticeboard rank 0 posts on (None: none);
+    `callbacks`, Ray Train's (a Tune trial's TuneReportCallback)."""
     loop_config = {
+        "mlflow_run_id": mlflow_run_id,
         "board": board,
         "rows": data.train,  # references: each rank fetches its own part
+        "validation": data.validation,
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
         "classes": data.classes,
@@ -386,5 +401,6 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str
                 max_failures=cfg.max_failures, controller_failure_limit=runtime.PLACEMENT_WAITS
             ),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
+            callbacks=callbacks,
         ),
     )

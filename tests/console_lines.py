@@ -8,7 +8,7 @@ import re
 N = r"[\d,]+"  # 1,234
 X = r"[\d.]+"  # 0.9111
 PROGRESS = re.compile(rf"(reading photos|evaluating|tagging|epoch \d+/\d+): {N}/{N} \w+ \(\d+%\), \S+ \w+/s, \S+ left")
-EPOCH = re.compile(rf"epoch \d+/\d+: loss {X}, train accuracy {X}, {N} (images|photos)/s, {X} s")
+EPOCH = re.compile(rf"epoch \d+/\d+: loss {X}, train accuracy {X}(, validation accuracy {X})?, {N} (images|photos)/s, {X} s")
 
 OURS = [re.compile(p) for p in (
     # training

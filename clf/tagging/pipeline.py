@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from clf import checkpoint as ckpt
-from clf import console, plan, runtime, storage
+from clf import console, plan, runtime, storage, tracking
 from clf.catalog import read_in_blocks, read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
@@ -153,6 +153,8 @@ def run(cfg: TagConfig) -> TagResult:
     model = ckpt.read(cfg.checkpoint)  # on the driver, once: fails here, in one line, if it cannot be loaded
     ckpt.build(model)
     paths = list_inputs(cfg.input)
+    if uri := tracking.tracking_uri(cfg.tracking_uri):
+        tracking.connect(uri)  # the tracking store answers, before any work
     with storage.staged_output(cfg.output, last=SUMMARY) as staging:
         runtime.connect(cfg.ray_logs, cfg.dashboard)
         cluster = runtime.cluster_nodes()
@@ -177,7 +179,23 @@ def run(cfg: TagConfig) -> TagResult:
         _join_parts(parts, staging / cfg.tags_name, cfg.format)
         result.seconds = time.perf_counter() - started
         (staging / SUMMARY).write_text(json.dumps(summary_record(result, cfg, model), indent=2) + "\n")
+        if uri:
+            _track(uri, cfg, model, result, staging / SUMMARY)
     return result
+
+
+def _track(uri: str, cfg: TagConfig, model: ckpt.ModelFiles, result: TagResult, summary: Path) -> None:
+    """A tagging run of its own in MLflow: the settings, the counts, summary.json, and the model's run."""
+    tags = {"clf.kind": "tagging", "clf.model": model.location}
+    if model.description.get("mlflow_run_id"):
+        tags["clf.model_run_id"] = model.description["mlflow_run_id"]  # the training run that made the model
+    tracker = tracking.Tracker.start(uri, "tag.py", f"tag-{Path(cfg.output.rstrip('/')).name}", tags=tags)
+    tracker.params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
+    tracker.metrics({"files": result.files, "tagged": result.tagged, "failed": result.failed,
+                     "needs_review": result.needs_review, "files_per_s": result.files / max(result.seconds, 1e-9)}
+                    | {f"tag/{name}": count for name, count in result.tags.items()})
+    tracker.artifact(summary)
+    tracker.end()
 
 
 def _tag(cfg: TagConfig, pool: InferPlan, paths: list[str], model: ckpt.ModelFiles) -> ray.data.Dataset:

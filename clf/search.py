@@ -1,0 +1,199 @@
+"""The settings search: Ray Tune tries learning rate, batch size, weight decay, label smoothing and the network's
+width, each trial a TorchTrainer of the job's own loop (`clf.trainer`), on the training data less a validation
+split held out of it (Fashion-MNIST: a fixed 5,000 of the 60,000; a catalog: a share of each class's training
+photos). ASHA stops the weaker trials early; the trial with the best validation accuracy at its last epoch wins,
+never judged on the test set. The winner's settings are then trained and evaluated as a normal run
+(`clf.pipeline.run`: the usual outputs, test-set metrics), with trials.csv beside them.
+
+Trials run side by side as the cluster's CPUs allow (trials x workers x CPUs <= the cluster's CPUs), each
+trial's driver in a Tune trial taking no CPU of its own. The data is read and put in the object store once;
+every trial's workers fetch their parts of the same blocks. An interrupted search started again with the
+same --run-name resumes (Tune's restore): finished trials are kept, unfinished ones run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+
+from clf import catalog, data, plan, runtime, storage, tracking
+from clf.config import TrainConfig, TuneConfig
+
+# What is searched: Ray Tune's sampling functions by setting. Batch sizes are global (all workers together).
+SPACE = {
+    "lr": ("loguniform", 1e-3, 3e-2),
+    "batch_size": ("choice", [64, 128, 256]),
+    "weight_decay": ("loguniform", 1e-5, 1e-3),
+    "label_smoothing": ("uniform", 0.0, 0.2),
+    "width": ("choice", [1.0, 1.25, 1.5, 2.0]),
+}
+METRIC = "val_accuracy"
+COLUMNS = ["trial", *SPACE, "val_accuracy", "epochs", "stopped_early", "error"]
+
+
+def param_space() -> dict:
+    from ray import tune
+
+    return {name: getattr(tune, kind)(*args) for name, (kind, *args) in SPACE.items()}
+
+
+def describe(settings: dict) -> str:
+    return (f"lr {settings['lr']:.4g}, batch {settings['batch_size']}, weight decay {settings['weight_decay']:.2g}, "
+            f"smoothing {settings['label_smoothing']:.3f}, width {settings['width']:g}")
+
+
+def base_config(cfg: TuneConfig, **more) -> TrainConfig:
+    """The training settings every trial shares: the data, the seed, and sizes."""
+    return TrainConfig(epochs=cfg.epochs, seed=cfg.seed, data_dir=cfg.data_dir, train_data=cfg.train_data,
+                       eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction, storage_path=cfg.storage_path,
+                       num_workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_worker, **more)
+
+
+def _trial(settings: dict, base: dict, parts: dict) -> None:
+    """One trial, in a Tune trial: the job's TorchTrainer with these settings, reporting every epoch's record
+    to Tune (TuneReportCallback: Ray Train V2's way into Tune)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from clf import trainer
+    from clf.data import TrainingData
+
+    cfg = TrainConfig(**(base | settings | {"run_name": f"{base['run_name']}-{tune.get_context().get_trial_id()}"}))
+    rows = TrainingData(classes=parts["classes"], source="", identity=parts["identity"], train=parts["rows"],
+                        num_train=parts["rows"].num_rows, eval_rows=None, eval_dataset=None, images_of=None,
+                        validation=parts["validation"])
+    workers = plan.TrainPlan(cfg.num_workers, cfg.num_workers, cfg.cpus_per_worker, False)
+    trainer._trainer(cfg, workers, rows, parts["identity"], board=None, mlflow_run_id=None,
+                     callbacks=[TuneReportCallback()]).fit()
+
+
+def _reporter(tracker, total: int, epochs: int):
+    """A Tune callback, on the driver: a line per trial's epoch and end, and with tracking, each trial a nested
+    MLflow run (the driver is the one writer)."""
+    from ray.tune import Callback
+
+    class Lines(Callback):
+        def __init__(self):
+            self.numbers, self.runs = {}, {}
+
+        def _number(self, trial) -> int:
+            return self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"trial {self._number(trial)}/{total}: {describe(trial.config)}", flush=True)
+            if tracker is not None:
+                child = tracking.Tracker.start(tracker.uri, "tune.py", f"trial {self._number(trial)}",
+                                               tags={"mlflow.parentRunId": tracker.run_id, "clf.kind": "trial"})
+                child.params(trial.config)
+                self.runs[trial.trial_id] = child
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(f"trial {self._number(trial)}/{total}: epoch {result['epoch']}/{epochs}, validation accuracy "
+                  f"{result[METRIC]:.4f}", flush=True)
+            if trial.trial_id in self.runs:
+                self.runs[trial.trial_id].metrics(tracking.epoch_metrics(result), step=result["epoch"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                self.runs.pop(trial.trial_id).end()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {self._number(trial)}/{total}: failed ({trial.error_file or 'see its log'})", flush=True)
+            if trial.trial_id in self.runs:
+                self.runs.pop(trial.trial_id).end("FAILED")
+
+    return Lines()
+
+
+def trials_table(results, epochs: int):
+    """One row per trial: its settings, its validation accuracy at its last epoch, the epochs it ran, whether
+    ASHA stopped it early, and its error if it failed; best first."""
+    import pandas as pd
+
+    rows = []
+    for number, result in enumerate(results, 1):
+        ran = int((result.metrics or {}).get("training_iteration", 0))
+        rows.append({"trial": number, **{k: result.config.get(k) for k in SPACE},
+                     "val_accuracy": (result.metrics or {}).get(METRIC), "epochs": ran,
+                     "stopped_early": result.error is None and ran < epochs,
+                     "error": "" if result.error is None else str(result.error).splitlines()[0]})
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.sort_values(["val_accuracy", "trial"], ascending=[False, True], na_position="last", ignore_index=True)
+
+
+def run(cfg: TuneConfig) -> tuple[str, object]:
+    """Search, then train the best settings as a normal run; (the output, the trials table)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from clf import pipeline, trainer
+
+    output = cfg.output or str(pipeline.default_output())
+    name = cfg.run_name or trainer.new_run_name(output)
+    source = catalog.open_catalog(base_config(cfg)) if cfg.train_data else data.load(cfg.data_dir)
+    storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
+    uri = tracking.tracking_uri(cfg.tracking_uri)
+    if uri:
+        tracking.connect(uri)
+    runtime.quiet_tune(cfg.ray_logs)
+    runtime.connect(cfg.ray_logs, cfg.dashboard)
+    cluster = runtime.cluster_nodes()
+    cpus = sum(n.cpus for n in cluster.nodes)
+    concurrent = max(1, cpus // (cfg.workers_per_trial * cfg.cpus_per_worker))
+    training = source.prepare(validation=True)
+    print(f"searching {cfg.trials} settings on {training.num_train:,} {training.unit} (validation: "
+          f"{training.validation.num_rows:,}), {concurrent} trial(s) at a time, up to {cfg.epochs} epoch(s) each",
+          flush=True)
+    tracker = None
+    if uri:
+        tracker = tracking.Tracker.start(uri, "tune.py", name, tags={"clf.kind": "search", "clf.data": training.identity})
+        tracker.params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
+    parts = {"rows": training.train, "validation": training.validation, "classes": training.classes,
+             "identity": training.identity}
+    base = dataclasses.asdict(base_config(cfg, run_name=name, validation=True))
+    # The trial itself holds no CPU (only a byte of memory, as Tune asks for something): its workers hold them.
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, parts=parts), {"CPU": 0, "memory": 1})
+    path = f"{storage.checkpoint_storage(cfg.storage_path).rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"search {name}: resuming it from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        print(f"search {name}: its state in {path} (if it is interrupted, start it again with --run-name {name} "
+              "to resume it)", flush=True)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=cfg.trials, max_concurrent_trials=concurrent,
+                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
+                                        grace_period=cfg.grace_epochs, reduction_factor=2)),
+            run_config=tune.RunConfig(name=name, storage_path=storage.checkpoint_storage(cfg.storage_path), verbose=0,
+                                      callbacks=[_reporter(tracker, cfg.trials, cfg.epochs)]),
+        )
+    results = tuner.fit()
+    table = trials_table(results, cfg.epochs)
+    finished = table[table["error"] == ""].dropna(subset=["val_accuracy"])
+    if finished.empty:
+        from clf.errors import ClfError
+
+        raise ClfError(f"no trial of search {name} finished: {table['error'].iloc[0]}")
+    best = {k: finished.iloc[0][k] for k in SPACE}
+    best = {k: (int(v) if k == "batch_size" else float(v)) for k, v in best.items()}
+    print(f"best settings, validation accuracy {finished.iloc[0]['val_accuracy']:.4f}: {describe(best)}; training "
+          "them as a run", flush=True)
+    if tracker is not None:
+        tracker.metrics({"best_val_accuracy": finished.iloc[0]["val_accuracy"]})
+    # The final run sizes itself to the cluster as jobs/train.py does.
+    final = dataclasses.replace(base_config(cfg), **best, output=output, run_name=f"{name}-best", tracking_uri=uri,
+                                ray_logs=cfg.ray_logs, num_workers=None, cpus_per_worker=None)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False, quoting=csv.QUOTE_MINIMAL)
+    result = pipeline.run(final, extras={"trials.csv": buffer.getvalue().encode()},
+                          tracking_parent=tracker.run_id if tracker else None)
+    if tracker is not None:
+        tracker.end()
+    ray.shutdown()  # the job's Ray (or its connection): runtime.exit_now finds it stopped
+    return str(result.output), table
