@@ -40,7 +40,7 @@ CLASSES = (
 PIXEL_MEAN = 0.2860
 PIXEL_STD = 0.3530
 
-# The validation split (--validation, jobs/tune.py): this many training images (a twelfth of fewer), the same
+# The validation split (--validation, jobs/tune.py): this many training images (a twelfth if fewer), the same
 # ones every run.
 VALIDATION_ROWS = 5000
 VALIDATION_SEED = 20171025  # Fashion-MNIST's release; any fixed number would do
@@ -99,16 +99,22 @@ class FashionMNIST:
         """The training rows in Ray's object store (less a fixed validation split, if asked for), and the test
         set to evaluate on."""
         ids = np.arange(len(self.train.labels))
-        count = min(VALIDATION_ROWS, len(ids) // 12) if validation else 0  # 5,000 of 60,000: a twelfth of less
-        held = np.sort(np.random.default_rng(VALIDATION_SEED).permutation(ids)[:count])
+        held = validation_ids(len(ids)) if validation else ids[:0]
         kept = np.setdiff1d(ids, held)
         return TrainingData(
             classes=list(CLASSES), source=self.source, identity=self.identity,
             train=Blocks.put(tables(self.train, ids=kept)), num_train=len(kept),
             eval_rows=pd.DataFrame({"id": np.arange(len(self.test.labels)), "label": self.test.labels}),
             eval_dataset=lambda: to_ray_dataset(self.test), images_of=lambda ids: self.test.images[ids],
-            validation=Blocks.put(tables(self.train, ids=held)) if count else None,
+            validation=Blocks.put(tables(self.train, ids=held)) if len(held) else None,
         )
+
+
+def validation_ids(rows: int) -> np.ndarray:
+    """The training rows held out for validation, of `rows`: VALIDATION_ROWS of them (a twelfth if fewer: 5,000 of
+    60,000 is a twelfth), drawn with a fixed seed, so the same every run and on every machine; sorted."""
+    count = min(VALIDATION_ROWS, rows // 12)
+    return np.sort(np.random.default_rng(VALIDATION_SEED).permutation(rows)[:count])
 
 
 def cache_dir() -> Path:

@@ -21,7 +21,6 @@ import pandas as pd
 from clf import catalog, data, plan, report, runtime, storage, tracking
 from clf import checkpoint as ckpt
 from clf.config import TrainConfig
-from clf.errors import Interrupted
 from clf.plan import Cluster, InferPlan, TrainPlan
 from clf.runtime import PLACEMENT_WAITS
 
@@ -68,9 +67,9 @@ def run(cfg: TrainConfig, extras: dict[str, bytes] | None = None, tracking_paren
     with storage.staged_output(output, last="metrics.json") as staging:
         with clock.phase("load_data_s"):  # read, or listed and split: what can fail does before Ray starts
             source = catalog.open_catalog(cfg) if cfg.train_data else data.load(cfg.data_dir, cfg.download)
-            storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
             if uri := tracking.tracking_uri(cfg.tracking_uri):
                 tracking.connect(uri)  # the tracking store answers, before any work
+            storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
         with clock.phase("ray_start_s"):
             with runtime.importing(WHILE_RAY_STARTS):
                 runtime.connect(cfg.ray_logs, cfg.dashboard)
@@ -86,26 +85,26 @@ def run(cfg: TrainConfig, extras: dict[str, bytes] | None = None, tracking_paren
             earlier = trainer.previous_run(cfg)
             print(trainer.resume_notice(cfg, earlier, source.identity), flush=True)
             tracker = _tracker(uri, cfg, earlier, source.identity, tracking_parent) if uri else None
-        with _tracked(tracker), clock.phase("read_photos_s" if cfg.train_data else "prepare_s"):
+        with tracking.ended_on_failure(tracker), clock.phase("read_photos_s" if cfg.train_data else "prepare_s"):
             training = source.prepare(validation=cfg.validation)
         if cfg.train_data:
             print(f"read {training.num_train + len(training.eval_rows) + len(training.skipped):,} photos in "
                   f"{clock.timings['read_photos_s']:.1f} s", flush=True)
         trainer.check_same_photos(cfg, earlier, training.identity)
         _announce(cfg, cluster, train_plan, training)
-        with _tracked(tracker), clock.phase("train_s"):
+        with tracking.ended_on_failure(tracker), clock.phase("train_s"):
             fitted = trainer.fit(cfg, train_plan, training, listing=source.identity, tracker=tracker)
         clock.timings |= {"train_start_s": fitted.timeline.get("first_step"),
                           "train_end_s": _difference(fitted.timeline, "fit_returned", "last_step")}
         if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
             print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
-        with _tracked(tracker), clock.phase("inference_s"):
+        with tracking.ended_on_failure(tracker), clock.phase("inference_s"):
             # After training, from the cluster as it is then: a node may be gone.
             infer_plan = plan.plan_inference(cfg, runtime.cluster_nodes(), len(training.eval_rows))
             model = ckpt.read(fitted.checkpoint.path, fitted.checkpoint.filesystem)  # wherever Ray Train keeps it
             rows = infer.evaluate(model, training, infer_plan, cfg.infer_batch_size)
         scores = metrics.compute(rows["label"], rows["prediction"], len(training.classes))
-        with _tracked(tracker), clock.phase("write_s"):
+        with tracking.ended_on_failure(tracker), clock.phase("write_s"):
             fitted.checkpoint.to_directory(str(staging / "checkpoint"))
             for name, contents in (extras or {}).items():
                 (staging / name).write_bytes(contents)
@@ -129,17 +128,6 @@ def _tracker(uri: str, cfg: TrainConfig, earlier: dict | None, identity: str, pa
     tracker.tags({"clf.run": cfg.run_name, "clf.kind": "training", "clf.data": identity,
                   "mlflow.source.git.commit": provenance()["git_commit"] or "unknown"})
     return tracker
-
-
-@contextmanager
-def _tracked(tracker: tracking.Tracker | None):
-    """A failure (Ctrl-C included) of what the block runs ends the MLflow run as failed, or killed."""
-    try:
-        yield
-    except BaseException as e:
-        if tracker is not None:
-            tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "FAILED")
-        raise
 
 
 def default_output(now: datetime | None = None) -> Path:

@@ -254,6 +254,17 @@ def quiet_tune(ray_logs: bool) -> None:
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
 
 
+def tune_fit(tuner):
+    """(tuner.fit()'s results, whether Ctrl-C interrupted it). On Ctrl-C Tune saves the search's state, stops
+    its trials and returns as if done, marking the stopped trials TERMINATED like finished ones (Ray 2.60); the
+    one trace is that its SIGINT handler, installed for the search, has put the one it found back."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    results = tuner.fit()
+    interrupted = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return results, interrupted
+
+
 def serve_logging(ray_logs: bool):
     """Serve's logging for its controller, proxies and replicas: to their log files, and only warnings up unless
     `ray_logs` (its access log of every request stays in the replicas' files)."""
@@ -354,8 +365,8 @@ PLACEMENT_WAITS = 10
 _TRAINER_CLASS = None
 
 
-def torch_trainer(*args, **kwargs):
-    """Ray Train's TorchTrainer(*args, **kwargs), with two changes to what its fit() does (Ray 2.60):
+def torch_trainer(*args, post_placement_group: bool = False, **kwargs):
+    """Ray Train's TorchTrainer(*args, **kwargs), with these changes to what its fit() does (Ray 2.60):
 
     - Ctrl-C: Ray's handler aborts the run and calls sys.exit(0) from the signal handler, which ends the
       driver with exit code 1 and not a line of ours (its own comment: "for some reason the process still
@@ -366,20 +377,36 @@ def torch_trainer(*args, **kwargs):
       on. An embedded Ray ends with the driver, and has no dashboard unless asked for.
     - Without `datasets=`, no DatasetManager: Ray Train starts that actor for every run, datasets or none
       (our workers fetch their rows themselves, `clf.data.Blocks`).
+    - With `post_placement_group`, its workers' placement group posted on the noticeboard under `placement_group_key(run name)`: a Tune
+      trial that Tune stops (ASHA, or its last epoch) is killed with its controller, which leaves the group
+      and its CPUs taken until the job ends; the search's driver removes it (`remove_placement_groups`).
     """
     global _TRAINER_CLASS
     if _TRAINER_CLASS is None:
         from ray.train.torch import TorchTrainer
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+        class PostPlacementGroup(WorkerGroupCallback):
+            def __init__(self, run_name: str):
+                self.board = Noticeboard(placement_group_key(run_name))
+
+            def after_worker_group_start(self, worker_group):
+                group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+                self.board.post({"id": group.id.hex()})
 
         class Trainer(TorchTrainer):
+            post_placement_group = False
+
             def _create_default_callbacks(self):
                 callbacks = super()._create_default_callbacks()
                 if embedded():
                     callbacks = [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
                 if not self.datasets:
                     callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+                if self.post_placement_group:
+                    callbacks.append(PostPlacementGroup(self.run_config.name))
                 return callbacks
 
             def _register_sigint_handler(self, controller):
@@ -391,7 +418,9 @@ def torch_trainer(*args, **kwargs):
                 signal.signal(signal.SIGINT, handler)
 
         _TRAINER_CLASS = Trainer
-    return _TRAINER_CLASS(*args, **kwargs)
+    trainer = _TRAINER_CLASS(*args, **kwargs)
+    trainer.post_placement_group = post_placement_group
+    return trainer
 
 
 @contextmanager
@@ -432,6 +461,26 @@ def training_failure(error: Exception) -> Exception:
             if isinstance(failure, (ray.exceptions.RayError, RayTrainError)):  # a dead actor, a failed health check
                 return ClfError(f"training failed: worker {rank} died ({first_line(failure)})")
     return error
+
+
+def placement_group_key(run_name: str) -> str:
+    return f"placement-group/{run_name}"
+
+
+def remove_placement_groups(prefix: str) -> None:
+    """Remove the placement groups still there of the training runs whose names start with `prefix` (see
+    torch_trainer), and their notes."""
+    from ray.experimental import internal_kv
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+    from ray.util.placement_group import remove_placement_group as remove
+
+    for key in internal_kv._internal_kv_list(placement_group_key(prefix), namespace=Noticeboard.NAMESPACE):
+        board = Noticeboard(key.decode())
+        if posted := board.read():
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(posted["id"])))
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove(group)
+        board.remove()
 
 
 class Noticeboard:

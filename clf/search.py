@@ -16,6 +16,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
+
+from ray.tune import Callback
 
 from clf import catalog, data, plan, runtime, storage, tracking
 from clf.config import TrainConfig, TuneConfig
@@ -52,58 +55,80 @@ def base_config(cfg: TuneConfig, **more) -> TrainConfig:
 
 def _trial(settings: dict, base: dict, parts: dict) -> None:
     """One trial, in a Tune trial: the job's TorchTrainer with these settings, reporting every epoch's record
-    to Tune (TuneReportCallback: Ray Train V2's way into Tune)."""
+    to Tune (TuneReportCallback: Ray Train V2's way into Tune). Each start of a trial is a new training run
+    (its own run name): a trial that an interrupted search restarts trains from its first epoch again, and
+    reports every epoch to Tune, where resuming its Ray Train run would report only the epochs left."""
+    import secrets
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from clf import trainer
     from clf.data import TrainingData
 
-    cfg = TrainConfig(**(base | settings | {"run_name": f"{base['run_name']}-{tune.get_context().get_trial_id()}"}))
+    run_name = f"{trial_prefix(base['run_name'], tune.get_context().get_trial_id())}{secrets.token_hex(3)}"
+    cfg = TrainConfig(**(base | settings | {"run_name": run_name}))
     rows = TrainingData(classes=parts["classes"], source="", identity=parts["identity"], train=parts["rows"],
                         num_train=parts["rows"].num_rows, eval_rows=None, eval_dataset=None, images_of=None,
                         validation=parts["validation"])
     workers = plan.TrainPlan(cfg.num_workers, cfg.num_workers, cfg.cpus_per_worker, False)
     trainer._trainer(cfg, workers, rows, parts["identity"], board=None, mlflow_run_id=None,
-                     callbacks=[TuneReportCallback()]).fit()
+                     callbacks=[TuneReportCallback()], in_tune=True).fit()
 
 
-def _reporter(tracker, total: int, epochs: int):
-    """A Tune callback, on the driver: a line per trial's epoch and end, and with tracking, each trial a nested
-    MLflow run (the driver is the one writer)."""
-    from ray.tune import Callback
+def trial_prefix(search: str, trial_id: str) -> str:
+    """The start of the training runs' names of one trial (one run per start of the trial)."""
+    return f"{search}-{trial_id}-"
 
-    class Lines(Callback):
-        def __init__(self):
-            self.numbers, self.runs = {}, {}
 
-        def _number(self, trial) -> int:
-            return self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+def trial_number(trial_id: str) -> int:
+    """1, 2, ... in the order Tune made the trials (its ids end in _00000, _00001, ...), the same after a resume."""
+    return int(trial_id.rsplit("_", 1)[-1]) + 1
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            print(f"trial {self._number(trial)}/{total}: {describe(trial.config)}", flush=True)
-            if tracker is not None:
-                child = tracking.Tracker.start(tracker.uri, "tune.py", f"trial {self._number(trial)}",
-                                               tags={"mlflow.parentRunId": tracker.run_id, "clf.kind": "trial"})
-                child.params(trial.config)
-                self.runs[trial.trial_id] = child
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(f"trial {self._number(trial)}/{total}: epoch {result['epoch']}/{epochs}, validation accuracy "
-                  f"{result[METRIC]:.4f}", flush=True)
-            if trial.trial_id in self.runs:
-                self.runs[trial.trial_id].metrics(tracking.epoch_metrics(result), step=result["epoch"])
+# The search's MLflow runs, in the driver: the search's own, and the open run of each trial. Module state, not
+# the callback's: Tune pickles the callback with the search's state and restores it on a resume.
+TRACKING: dict = {"search": None, "trials": {}}
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.runs:
-                self.runs.pop(trial.trial_id).end()
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"trial {self._number(trial)}/{total}: failed ({trial.error_file or 'see its log'})", flush=True)
-            if trial.trial_id in self.runs:
-                self.runs.pop(trial.trial_id).end("FAILED")
+def _tracked_trial(trial):
+    return TRACKING["trials"].get(trial.trial_id)
 
-    return Lines()
+
+class Lines(Callback):
+    """Tune's callback, in the driver: a line per trial's start, epoch and error, and with tracking each trial a
+    nested MLflow run (the driver is the one writer). When Tune ends a trial (done, stopped by ASHA, or failed)
+    the placement group of its workers goes too (runtime.remove_placement_groups)."""
+
+    def __init__(self, name: str, total: int, epochs: int):
+        self.name, self.total, self.epochs = name, total, epochs
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        number = trial_number(trial.trial_id)
+        print(f"trial {number}/{self.total}: {describe(trial.config)}", flush=True)
+        if (search := TRACKING["search"]) is not None:
+            child = tracking.Tracker.start(search.uri, "tune.py", f"{self.name} trial {number}",
+                                           tags={"mlflow.parentRunId": search.run_id, "clf.kind": "trial"})
+            child.params(trial.config)
+            TRACKING["trials"][trial.trial_id] = child
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(f"trial {trial_number(trial.trial_id)}/{self.total}: epoch {result['epoch']}/{self.epochs}, "
+              f"validation accuracy {result[METRIC]:.4f}", flush=True)
+        if child := _tracked_trial(trial):
+            child.metrics(tracking.epoch_metrics(result), step=result["epoch"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        runtime.remove_placement_groups(trial_prefix(self.name, trial.trial_id))
+        if child := TRACKING["trials"].pop(trial.trial_id, None):
+            child.end()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        runtime.remove_placement_groups(trial_prefix(self.name, trial.trial_id))
+        print(f"trial {trial_number(trial.trial_id)}/{self.total}: failed (its error: {trial.error_file or 'its log'})",
+              flush=True)
+        if child := TRACKING["trials"].pop(trial.trial_id, None):
+            child.end("FAILED")
 
 
 def trials_table(results, epochs: int):
@@ -112,9 +137,11 @@ def trials_table(results, epochs: int):
     import pandas as pd
 
     rows = []
-    for number, result in enumerate(results, 1):
+    for result in results:
         ran = int((result.metrics or {}).get("training_iteration", 0))
-        rows.append({"trial": number, **{k: result.config.get(k) for k in SPACE},
+        # The trial's id, in its folder's name: "_trial_e1099_00001_1_batch_size=...".
+        trial_id = re.search(r"_([0-9a-f]+_\d{5})_", result.path.rstrip("/").rsplit("/", 1)[-1]).group(1)
+        rows.append({"trial": trial_number(trial_id), **{k: result.config.get(k) for k in SPACE},
                      "val_accuracy": (result.metrics or {}).get(METRIC), "epochs": ran,
                      "stopped_early": result.error is None and ran < epochs,
                      "error": "" if result.error is None else str(result.error).splitlines()[0]})
@@ -134,10 +161,10 @@ def run(cfg: TuneConfig) -> tuple[str, object]:
     output = cfg.output or str(pipeline.default_output())
     name = cfg.run_name or trainer.new_run_name(output)
     source = catalog.open_catalog(base_config(cfg)) if cfg.train_data else data.load(cfg.data_dir)
-    storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
     uri = tracking.tracking_uri(cfg.tracking_uri)
     if uri:
-        tracking.connect(uri)
+        tracking.connect(uri)  # the tracking store answers, before any work
+    storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
     runtime.quiet_tune(cfg.ray_logs)
     runtime.connect(cfg.ray_logs, cfg.dashboard)
     cluster = runtime.cluster_nodes()
@@ -147,53 +174,66 @@ def run(cfg: TuneConfig) -> tuple[str, object]:
     print(f"searching {cfg.trials} settings on {training.num_train:,} {training.unit} (validation: "
           f"{training.validation.num_rows:,}), {concurrent} trial(s) at a time, up to {cfg.epochs} epoch(s) each",
           flush=True)
-    tracker = None
-    if uri:
-        tracker = tracking.Tracker.start(uri, "tune.py", name, tags={"clf.kind": "search", "clf.data": training.identity})
-        tracker.params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
     parts = {"rows": training.train, "validation": training.validation, "classes": training.classes,
              "identity": training.identity}
     base = dataclasses.asdict(base_config(cfg, run_name=name, validation=True))
     # The trial itself holds no CPU (only a byte of memory, as Tune asks for something): its workers hold them.
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, parts=parts), {"CPU": 0, "memory": 1})
     path = f"{storage.checkpoint_storage(cfg.storage_path).rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
-        print(f"search {name}: resuming it from {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        print(f"search {name}: its state in {path} (if it is interrupted, start it again with --run-name {name} "
-              "to resume it)", flush=True)
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(),
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=cfg.trials, max_concurrent_trials=concurrent,
-                search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
-                                        grace_period=cfg.grace_epochs, reduction_factor=2)),
-            run_config=tune.RunConfig(name=name, storage_path=storage.checkpoint_storage(cfg.storage_path), verbose=0,
-                                      callbacks=[_reporter(tracker, cfg.trials, cfg.epochs)]),
-        )
-    results = tuner.fit()
-    table = trials_table(results, cfg.epochs)
-    finished = table[table["error"] == ""].dropna(subset=["val_accuracy"])
-    if finished.empty:
-        from clf.errors import ClfError
+    resuming = tune.Tuner.can_restore(path)
+    if uri:  # the search's MLflow run; a resumed search continues it
+        TRACKING["search"] = tracking.Tracker.start(
+            uri, "tune.py", name, run_id=tracking.find_run(uri, name, "search") if resuming else None,
+            tags={"clf.kind": "search", "clf.data": training.identity})
+        TRACKING["search"].params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
+    with tracking.ended_on_failure(TRACKING["search"]):
+        if resuming:
+            print(f"search {name}: resuming it from {path}", flush=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            print(f"search {name}: its state in {path} (if it is interrupted, start it again with --run-name {name} "
+                  "to resume it)", flush=True)
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(),
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode="max", num_samples=cfg.trials,
+                    # The generator itself keeps the trials at `concurrent` (Tune ignores max_concurrent_trials
+                    # when given a generator): more would wait for CPUs until Ray Train's start-up times out.
+                    search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
+                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
+                                            grace_period=cfg.grace_epochs, reduction_factor=2)),
+                run_config=tune.RunConfig(name=name, storage_path=storage.checkpoint_storage(cfg.storage_path),
+                                          verbose=0, callbacks=[Lines(name, cfg.trials, cfg.epochs)]),
+            )
+        results, interrupted = runtime.tune_fit(tuner)
+        if interrupted:
+            for child in TRACKING["trials"].values():
+                child.end("KILLED")  # the trials under way: a resumed search runs them again
+            from clf.errors import Interrupted
 
-        raise ClfError(f"no trial of search {name} finished: {table['error'].iloc[0]}")
-    best = {k: finished.iloc[0][k] for k in SPACE}
-    best = {k: (int(v) if k == "batch_size" else float(v)) for k, v in best.items()}
-    print(f"best settings, validation accuracy {finished.iloc[0]['val_accuracy']:.4f}: {describe(best)}; training "
-          "them as a run", flush=True)
-    if tracker is not None:
-        tracker.metrics({"best_val_accuracy": finished.iloc[0]["val_accuracy"]})
-    # The final run sizes itself to the cluster as jobs/train.py does.
-    final = dataclasses.replace(base_config(cfg), **best, output=output, run_name=f"{name}-best", tracking_uri=uri,
-                                ray_logs=cfg.ray_logs, num_workers=None, cpus_per_worker=None)
-    buffer = io.StringIO()
-    table.to_csv(buffer, index=False, quoting=csv.QUOTE_MINIMAL)
-    result = pipeline.run(final, extras={"trials.csv": buffer.getvalue().encode()},
-                          tracking_parent=tracker.run_id if tracker else None)
-    if tracker is not None:
-        tracker.end()
+            raise Interrupted(f"interrupted: search {name} keeps its state in {path}; start it again with "
+                              f"--run-name {name} (and the same settings) to resume it")
+        table = trials_table(results, cfg.epochs)
+        finished = table[table["error"] == ""].dropna(subset=["val_accuracy"])
+        if finished.empty:
+            from clf.errors import ClfError
+
+            raise ClfError(f"no trial of search {name} finished: {table['error'].iloc[0]}")
+        best = {k: finished.iloc[0][k] for k in SPACE}
+        best = {k: (int(v) if k == "batch_size" else float(v)) for k, v in best.items()}
+        print(f"best settings, validation accuracy {finished.iloc[0]['val_accuracy']:.4f}: {describe(best)}; "
+              "training them as a run", flush=True)
+        search = TRACKING["search"]
+        if search is not None:
+            search.metrics({"best_val_accuracy": finished.iloc[0]["val_accuracy"]})
+        # The final run sizes itself to the cluster as jobs/train.py does.
+        final = dataclasses.replace(base_config(cfg), **best, output=output, run_name=f"{name}-best", tracking_uri=uri,
+                                    ray_logs=cfg.ray_logs, num_workers=None, cpus_per_worker=None)
+        buffer = io.StringIO()
+        table.to_csv(buffer, index=False, quoting=csv.QUOTE_MINIMAL)
+        result = pipeline.run(final, extras={"trials.csv": buffer.getvalue().encode()},
+                              tracking_parent=search.run_id if search else None)
+    if search is not None:
+        search.end()
     ray.shutdown()  # the job's Ray (or its connection): runtime.exit_now finds it stopped
     return str(result.output), table

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 import posixpath
 import sys
 from pathlib import Path
 
-from clf.errors import ConfigError, first_line
+from clf.errors import ConfigError, Interrupted, first_line
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -97,15 +98,41 @@ class Tracker:
         self._do("end", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
+@contextmanager
+def ended_on_failure(tracker: Tracker | None):
+    """A failure (Ctrl-C included) of what the block runs ends the MLflow run as failed, or killed."""
+    try:
+        yield
+    except BaseException as e:
+        if tracker is not None:
+            tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "FAILED")
+        raise
+
+
+def find_run(uri: str, name: str, kind: str) -> str | None:
+    """The id of the latest MLflow run named `name` of this kind (tag clf.kind) in the experiment, if any."""
+    client = connect(uri)
+    found = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV) or EXPERIMENT)
+    if found is None:
+        return None
+    name = name.replace("'", "")
+    runs = client.search_runs([found.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"attributes.run_name = '{name}' and tags.`clf.kind` = '{kind}'")
+    return runs[0].info.run_id if runs else None
+
+
 def connect(uri: str):
     """An MLflow client of `uri`, once the store answered; ConfigError (one line, exit 2) if it does not."""
     os.environ.update({k: v for k, v in HTTP_ENV.items() if k not in os.environ})
-    for name in ("mlflow", "alembic"):  # their notes on a new store's tables: not the job's lines
-        logging.getLogger(name).setLevel(logging.WARNING)
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store unless told
     try:
         from mlflow import MlflowClient
+
+        # Their notes on a new store's tables are not the job's lines (after the import: MLflow sets its
+        # loggers' levels as it loads).
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)

@@ -367,9 +367,10 @@ def interrupted(cfg: TrainConfig) -> str:
 
 
 def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board: str | None,
-             mlflow_run_id: str | None, callbacks: list | None = None):
+             mlflow_run_id: str | None, callbacks: list | None = None, in_tune: bool = False):
     """The TorchTrainer of a run: `board`, the key of the noticeboard rank 0 posts on (None: none);
-    `callbacks`, Ray Train's (a Tune trial's TuneReportCallback)."""
+    `callbacks`, Ray Train's (a Tune trial's TuneReportCallback); `in_tune`: a Tune trial's run, whose workers'
+    placement group is noted for the search's driver (runtime.torch_trainer)."""
     loop_config = {
         "mlflow_run_id": mlflow_run_id,
         "board": board,
@@ -383,6 +384,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str
     }
     return runtime.torch_trainer(
         train_loop_per_worker,
+        post_placement_group=in_tune,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             # Elastic: start with what can be placed, down to min_workers; after a lost node, wait for a

@@ -98,14 +98,16 @@ def real_data() -> data.FashionMNIST:
 def one_epoch(tmp_path_factory):
     """`jobs/train.py --epochs 1` on the real data, as a user runs it, with its embedded Ray; meanwhile every
     TCP port that the process and its descendants listen on, and every process it started, are recorded.
-    Shared by the job's tests and the tagging and serving tests (which use its checkpoint)."""
+    Shared by the job's tests, the tracking tests (it tracks to an MLflow store of SQLite beside it) and the
+    tagging and serving tests (which use its checkpoint)."""
     import psutil
 
     out = tmp_path_factory.mktemp("runs") / "one-epoch"
+    tracking_uri = f"sqlite:///{out.parent / 'mlflow.db'}"  # tracked as a user tracks it (tests/test_tracking.py)
     env = {k: v for k, v in os.environ.items() if k not in runtime.LOOPBACK_ENV and k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--epochs", "1", "--output", str(out), "--storage-path",
-         str(out.parent / "ray")],
+         str(out.parent / "ray"), "--tracking-uri", tracking_uri],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     listening, started, names = set(), {}, set()
@@ -123,6 +125,7 @@ def one_epoch(tmp_path_factory):
     time.sleep(1)
     left = [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     return SimpleNamespace(output=out, stdout=stdout, stderr=stderr, listening=listening, left_running=left, names=names,
+                           tracking_uri=tracking_uri,
                            metrics=json.loads((out / "metrics.json").read_text()))
 
 

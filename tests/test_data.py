@@ -168,3 +168,13 @@ def test_bad_data_is_a_one_line_error_and_leaves_no_outputs(tmp_path, corrupt, m
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not out.exists()
     assert list((tmp_path / "runs").iterdir()) == []  # the staging folder is gone too
+
+
+def test_the_validation_split_is_fixed_and_held_out_of_training_only(real_data):
+    held = data.validation_ids(len(real_data.train.labels))
+    assert len(held) == 5000 and len(np.unique(held)) == 5000 and held.min() >= 0 and held.max() < 60000
+    np.testing.assert_array_equal(held, data.validation_ids(60000))  # the same rows every run
+    # Every class is there in about its share (Fashion-MNIST's classes are balanced: 500 each).
+    counts = np.bincount(real_data.train.labels[held], minlength=10)
+    assert counts.min() > 400 and counts.max() < 600, counts
+    assert len(data.validation_ids(4000)) == 4000 // 12  # a small training set keeps most of its rows

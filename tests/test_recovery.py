@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from clf import storage
 from tests.faults import finish, start_driver, wait_for_checkpoint, wait_for_process
@@ -35,7 +36,8 @@ def test_ctrl_c_keeps_the_checkpoint_the_run_resumes_from_and_a_finished_run_is_
     started once more (it had finished: its final model is evaluated)."""
     storage = tmp_path / "storage"
     common = ["--data-dir", str(data_dir), "--epochs", "4", "--batch-size", "64", "--storage-path", str(storage)]
-    named = [*common, "--run-name", "nightly"]
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    named = [*common, "--run-name", "nightly", "--tracking-uri", tracking_uri]
 
     log = tmp_path / "first.log"
     first = start_driver([*named, "--output", str(tmp_path / "first")], log)
@@ -75,6 +77,15 @@ def test_ctrl_c_keeps_the_checkpoint_the_run_resumes_from_and_a_finished_run_is_
     uninterrupted = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
     assert resumed["accuracy"] == uninterrupted["accuracy"] and resumed["count"] == 1000
+
+    # One MLflow run for the run, through its three starts: continued, not started again; every epoch logged
+    # once, at its own step, with the values metrics.json has; ended FINISHED.
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("clf").experiment_id])
+    assert run.info.run_name == "nightly" and run.info.status == "FINISHED"
+    logged = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h["loss"])) for h in resumed["history"]]
+    assert run.data.metrics["accuracy"] == pytest.approx(resumed["accuracy"])
 
     # The same name with other settings is another experiment: refused before any training.
     other = subprocess.run([sys.executable, TRAIN, *common[:3], "5", *common[4:], "--run-name", "nightly",

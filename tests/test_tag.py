@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from PIL import Image
 
 from tests.catalog import render, write_broken, write_catalog
@@ -197,8 +198,9 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     folder, ids, paths, broken = shop
     out = tmp_path / "tags"
     # A progress line every 0.2 s where the output is not a terminal (as here), not every 10 s.
+    # Tracked to the store the model's training run is in (MLflow lines would show among the console's).
     proc = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(folder / "photos"),
-                   "--output", str(out), env={"CLF_PROGRESS_EVERY_S": "0.2"})
+                   "--output", str(out), "--tracking-uri", one_epoch.tracking_uri, env={"CLF_PROGRESS_EVERY_S": "0.2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tags.parquet"]  # written by the driver
     # Only our lines: the plan, progress (two blocks of 256 at least), the summary with its 10-row table.
@@ -242,6 +244,18 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     assert summary["files"] == PHOTOS + len(broken) and summary["failed"] == len(broken)
     assert summary["tags"] == rows.loc[rows["error"] == "", "tag"].value_counts().to_dict()
     assert sum(summary["failed_by_reason"].values()) == len(broken) and summary["config"]["input"] == str(folder / "photos")
+
+    # An MLflow run of its own: the counts, summary.json, and the training run that made its model.
+    client = MlflowClient(one_epoch.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("clf").experiment_id],
+                               filter_string="tags.`clf.kind` = 'tagging'")
+    model_run = json.loads((one_epoch.output / "checkpoint" / "model.json").read_text())["mlflow_run_id"]
+    assert run.data.tags["clf.model_run_id"] == model_run
+    assert client.get_run(model_run).data.tags["clf.kind"] == "training"
+    assert {k: run.data.metrics[k] for k in ("files", "tagged", "failed", "needs_review")} == {
+        "files": summary["files"], "tagged": summary["tagged"], "failed": summary["failed"],
+        "needs_review": summary["needs_review"]}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,84 @@
+"""MLflow tracking against a real store (SQLite in a temporary folder), read back with MLflow's own client. The
+run tracked here is the session's `one_epoch` (jobs/train.py as a user runs it, with --tracking-uri); a resumed
+run continuing its MLflow run is checked in test_recovery.py, a tagging run's link to its model in test_tag.py,
+a search's nested runs in test_search.py."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from clf import tracking
+from clf.config import TrainConfig
+from tests.helpers import ROOT
+
+
+def training_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("clf")
+    return client.search_runs([experiment.experiment_id], filter_string="tags.`clf.kind` = 'training'")
+
+
+@pytest.mark.slow
+def test_a_training_run_is_one_mlflow_run_holding_what_its_folder_holds(one_epoch):
+    metrics = one_epoch.metrics
+    [run] = training_runs(one_epoch.tracking_uri)
+    client = MlflowClient(one_epoch.tracking_uri)
+    assert run.info.status == "FINISHED" and run.info.run_name == metrics["config"]["run_name"]
+
+    # Every setting as a param, as the run used it.
+    assert run.data.params == {k: str(v) for k, v in metrics["config"].items() if k != "tracking_uri"}
+    assert set(run.data.params) == {f.name for f in dataclasses.fields(TrainConfig)} - {"tracking_uri"}
+    assert run.data.tags["clf.run"] == metrics["config"]["run_name"]
+    assert run.data.tags["clf.data"] == metrics["data_identity"]
+    assert run.data.tags["mlflow.source.git.commit"] == (metrics["provenance"]["git_commit"] or "unknown")
+
+    # Every epoch's record, logged as the epoch ended (step = epoch), equal to metrics.json's history.
+    for key, name in (("loss", "loss"), ("accuracy", "train_accuracy"), ("images_per_s", "images_per_s")):
+        logged = client.get_metric_history(run.info.run_id, name)
+        assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h[key])) for h in metrics["history"]]
+    # Logged while the run went on, not all at the end: the epoch's metric is older than the final accuracy.
+    [epoch_loss] = client.get_metric_history(run.info.run_id, "loss")
+    [final] = client.get_metric_history(run.info.run_id, "accuracy")
+    assert epoch_loss.timestamp < final.timestamp
+
+    # The final metrics equal metrics.json's.
+    assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    for name, precision, recall in zip(metrics["classes"], metrics["precision"], metrics["recall"]):
+        assert run.data.metrics[f"precision/{name}"] == pytest.approx(precision)
+        assert run.data.metrics[f"recall/{name}"] == pytest.approx(recall)
+
+    # The outputs as artifacts, the checkpoint among them; the checkpoint names the MLflow run.
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "metrics.json", "history.png", "checkpoint"} <= artifacts, artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/model.json"}
+    model = json.loads((one_epoch.output / "checkpoint" / "model.json").read_text())
+    assert model["mlflow_run_id"] == run.info.run_id
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--tracking-uri", "http://127.0.0.1:9",
+                           "--output", str(out), "--storage-path", str(tmp_path / "storage")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("train.py: error: --tracking-uri http://127.0.0.1:9 cannot be reached"), proc.stderr
+    assert not out.exists() and not (tmp_path / "storage").exists()
+
+
+def test_a_tracking_failure_mid_run_is_one_warning_and_the_rest_goes_on(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.Tracker.start(uri, "train.py", "nightly")
+    tracker.metrics({"loss": 0.5}, step=1)
+    MlflowClient(uri).delete_run(tracker.run_id)  # the store refuses what comes next: the run is deleted
+    tracker.metrics({"loss": 0.4}, step=2)
+    tracker.params({"lr": 0.01})
+    tracker.end()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: warning: tracking to MLflow stopped (metrics: "), err
+    assert err[0].endswith("the run goes on, its own outputs are complete")
+    assert [m.value for m in MlflowClient(uri).get_metric_history(tracker.run_id, "loss")] == [0.5]
