@@ -33,7 +33,7 @@ IMAGE_SIZE = 28  # the model's images: IMAGE_SIZE x IMAGE_SIZE, as Fashion-MNIST
 # The longer side a photo is decoded at, at least: DECODE_SIDE / IMAGE_SIZE = 8 pixels of photo for each pixel
 # of the result, before the trim (the item fills about half to all of a product photo). A 1000 px JPEG
 # decodes at 1/4 of its size (250 px), in the DCT domain; other formats are reduced after decoding.
-# Measured against decoding whole (benchmarks/ingest.py, README "Photos at scale"): see the figures there.
+# Against decoding whole: docs/performance.md ("Photos"), from benchmarks/ingest.py.
 DECODE_SIDE = 224
 
 # Fashion-MNIST trimmed "edges close to the colour of the corner pixels" at a 5% distance; photos with
@@ -41,7 +41,7 @@ DECODE_SIDE = 224
 TRIM_THRESHOLD = 0.05 * 255
 NOISE_WIDTHS = 4
 # Fashion-MNIST sharpened after resizing; without it a downscaled photo is softer than the training
-# images (on rendered test photos: 95% agreement with the original images' predictions, against 93.5%).
+# images, and its predictions agree less often with the original images' (tests/test_tag.py's photos).
 SHARPEN = ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0)
 # Larger than any catalog photo and below Pillow's decompression-bomb limit.
 MAX_PIXELS = 80_000_000
@@ -117,7 +117,7 @@ def to_model_image(image: Image.Image) -> np.ndarray:
 
 def _median3_above(values: np.ndarray, threshold: float) -> np.ndarray:
     """Where the 3x3 median of `values` (edges repeated outwards) is above `threshold`: where at least 5 of
-    the 9 values around are, the same thing counted on a mask (20x faster than Pillow's MedianFilter on the
+    the 9 values around are, the same thing counted on a mask (much faster than Pillow's MedianFilter on the
     whole image; equal masks on the catalog and test photos)."""
     above = np.pad(values > threshold, 1, mode="edge").astype(np.uint8)
     height, width = values.shape

@@ -167,9 +167,8 @@ def _cpus_up(cluster: Cluster, what: str) -> int:
 def _pool(asked: int | None, available: int, batches: int, cpus_per_actor: float, use_gpu: bool) -> InferPlan:
     """A pool sized to the work: as many actors as asked for; else one per CPU (or GPU) or one per batch,
     whichever is fewer: a thousand CPUs do not start a thousand actors, each importing torch, for ten
-    batches. Fixed, not Ray Data's autoscaling pool: measured on 2 CPUs, a pool growing from one actor took
-    the same time for 10,000 test images (4.8-5.2 s; it kept to one actor), and tagged 20,000 photos at 821
-    photos/s against 868 after the first batch (its second actor started late)."""
+    batches. Fixed, not Ray Data's autoscaling pool, which was no faster and started its second actor late
+    (docs/performance.md)."""
     return InferPlan(asked or max(1, min(available, batches)), cpus_per_actor, use_gpu)
 
 

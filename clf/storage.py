@@ -29,8 +29,8 @@ from clf.errors import ClfError, ConfigError, first_line
 
 # A remote read that fails (throttling, a 503, a dropped connection) is tried this many times in all, waiting
 # BACKOFF_S, then twice that, ... between tries. Within each try pyarrow's S3 client already retries the
-# request itself (for a 503, 31 requests over about 10 s, measured with pyarrow 26): 4 tries survive about
-# 45 s of outage, and errors its own retries leave alone.
+# request itself; ours also cover the errors its retries leave alone, and a longer outage
+# (docs/failures.md).
 READ_ATTEMPTS = 4
 BACKOFF_S = 0.5
 # Remote files a task reads at once (threads: waiting on the network, not computing).

@@ -88,10 +88,9 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 <
     """Make glibc's malloc keep the memory a training step frees for the next step, instead of handing it
     back to the kernel and faulting fresh pages in again: fixed thresholds (up to 32 MiB blocks from the
     heap, up to 64 MiB of free heap kept) in place of the ones glibc adapts as it goes. With the adaptive
-    ones, the same epoch took 5.9-8.3 s in a plain process on the 2-core VM, with 0.2-1.9 million page
-    faults, depending on the order the first tensors happened to be freed in, and more often the slow way in
-    a thread that is not the main one (which is where Ray Train runs the training function); with these,
-    5.5-5.8 s and 0.17 million every time. False where the C library is not glibc (nothing is changed)."""
+    ones, an epoch's page faults, and so its time, depend on the order the first tensors happened to be freed
+    in, more often the slow way in a thread that is not the main one (where Ray Train runs the training
+    function); docs/performance.md has the figures. False where the C library is not glibc (nothing changed)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
