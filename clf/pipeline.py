@@ -96,7 +96,8 @@ def run(cfg: TrainConfig, extras: dict[str, bytes] | None = None, tracking_paren
             fitted = trainer.fit(cfg, train_plan, training, listing=source.identity, tracker=tracker)
         clock.timings |= {"train_start_s": fitted.timeline.get("first_step"),
                           "train_end_s": _difference(fitted.timeline, "fit_returned", "last_step")}
-        if resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]:
+        finished_before = earlier is not None and earlier.get("epoch", 0) >= cfg.epochs  # evaluated again only
+        if (resumed := fitted.history and fitted.history[-1]["resumed_from_epoch"]) and not finished_before:
             print(f"training resumed from the checkpoint after epoch {resumed}", flush=True)
         with tracking.ended_on_failure(tracker), clock.phase("inference_s"):
             # After training, from the cluster as it is then: a node may be gone.
@@ -125,7 +126,7 @@ def _tracker(uri: str, cfg: TrainConfig, earlier: dict | None, identity: str, pa
     tracker = tracking.Tracker.start(uri, "train.py", cfg.run_name, run_id=(earlier or {}).get("mlflow_run_id"),
                                      tags={"mlflow.parentRunId": parent} if parent else None)
     tracker.params(tracking.training_params(cfg))
-    tracker.tags({"clf.run": cfg.run_name, "clf.kind": "training", "clf.data": identity,
+    tracker.tags({"clf.run": cfg.run_name, "clf.kind": "training", "clf.data": identity, "clf.output": cfg.output,
                   "mlflow.source.git.commit": provenance()["git_commit"] or "unknown"})
     return tracker
 

@@ -68,10 +68,18 @@ class Tracker:
                   "its own outputs are complete", file=sys.stderr, flush=True)
 
     def params(self, values: dict) -> None:
+        """Log `values` as params; on a continued run, only those not logged yet (MLflow's params cannot change:
+        a resumed run keeps the settings that matter, and where others differ, such as its --output, the
+        first start's value stays)."""
         from mlflow.entities import Param
 
-        self._do("params", lambda: self.client.log_batch(
-            self.run_id, params=[Param(k, str(v)) for k, v in values.items()]))
+        def log():
+            logged = self.client.get_run(self.run_id).data.params
+            new = [Param(k, str(v)) for k, v in values.items() if k not in logged]
+            if new:
+                self.client.log_batch(self.run_id, params=new)
+
+        self._do("params", log)
 
     def tags(self, values: dict) -> None:
         from mlflow.entities import RunTag

@@ -66,6 +66,9 @@ def test_ctrl_c_keeps_the_checkpoint_the_run_resumes_from_and_a_finished_run_is_
     out = finish(third, log)
     assert third.returncode == 0, out[-3000:]
     assert "run nightly had finished its 4 epoch(s): evaluating its final model" in out
+    assert "training resumed" not in out  # it trained nothing this time
+    # Every start tracked to the end (a changed --output does not stop it: MLflow's params cannot change).
+    assert not [log for log in ("first", "second", "third") if "warning" in (tmp_path / f"{log}.log").read_text()]
     resumed = json.loads((tmp_path / "third" / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]  # the epochs before Ctrl-C too
     assert resumed["history"][-1]["resumed_from_epoch"] >= 1  # went on; did not start over

@@ -82,3 +82,18 @@ def test_a_tracking_failure_mid_run_is_one_warning_and_the_rest_goes_on(tmp_path
     assert len(err) == 1 and err[0].startswith("train.py: warning: tracking to MLflow stopped (metrics: "), err
     assert err[0].endswith("the run goes on, its own outputs are complete")
     assert [m.value for m in MlflowClient(uri).get_metric_history(tracker.run_id, "loss")] == [0.5]
+
+
+def test_a_continued_run_adds_new_params_and_keeps_the_first_starts_values(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tracking.Tracker.start(uri, "train.py", "nightly")
+    first.params({"epochs": 4, "output": "runs/first"})
+    first.end("KILLED")
+    again = tracking.Tracker.start(uri, "train.py", "nightly", run_id=first.run_id)  # a resumed run
+    again.params({"epochs": 4, "output": "runs/second", "ray_logs": False})
+    again.metrics({"loss": 0.5}, step=2)
+    again.end()
+    assert capsys.readouterr().err == ""  # no warning: tracking went on
+    run = MlflowClient(uri).get_run(first.run_id)
+    assert run.data.params == {"epochs": "4", "output": "runs/first", "ray_logs": "False"}
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}
