@@ -1,4 +1,4 @@
-"""Training on a store's catalog: how fast the Ray Data pass reads and converts photos, and how long the
+"""Training on a store's catalog: how fast the read pass (Ray tasks) reads and converts photos, and how long the
 training workers wait for data. Generated photos (Fashion-MNIST test images rendered as product photos,
 four classes), `jobs/train.py --train-data` as a whole process. Figures, not pass/fail.
 
@@ -50,7 +50,7 @@ def main() -> None:
     waited = sum(h["data_wait_s"] for h in history)
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs")
     print(f"catalog: {files:,} photos, {len(m['classes'])} classes; plan {m['plan']['training']}")
-    print(f"read and convert (one Ray Data pass, Ray already up): {timings['read_photos_s']:.1f} s, "
+    print(f"read and convert (one pass of Ray tasks, Ray already up): {timings['read_photos_s']:.1f} s, "
           f"{files / timings['read_photos_s']:,.0f} photos/s")
     for h, seconds in zip(history, epoch_s):
         print(f"epoch {h['epoch']}: {seconds:.2f} s, rank 0 waited {h['data_wait_s']:.2f} s for data "

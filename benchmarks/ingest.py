@@ -1,5 +1,5 @@
 """Photos at scale: how fast a store's large product photos are read and converted, by the conversion alone,
-by a plain process pool, by the training job's Ray Data pass and by `jobs/tag.py` end to end, and how much
+by a plain process pool, by the training job's read pass (Ray tasks) and by `jobs/tag.py` end to end, and how much
 memory the tagging driver holds. Figures, not pass/fail; run on an otherwise idle machine.
 
     .venv/bin/python benchmarks/ingest.py [--photos 2000] [--listed 20000] [--memory-rows 100000 200000]
@@ -153,7 +153,7 @@ def main() -> None:
         med = {k: float(np.median(v)) for k, v in figures.items()}
         print(f"\nmedians of {args.repeats}, photos/s:")
         print(f"  a plain pool of {cores} processes, the new conversion: {med['pool']:,.0f}")
-        print(f"  training job's Ray Data pass, {len(listed):,} photos: {med['pass']:,.0f} ({med['pass'] / med['pool']:.2f}x "
+        print(f"  training job's read pass (Ray tasks), {len(listed):,} photos: {med['pass']:,.0f} ({med['pass'] / med['pool']:.2f}x "
               f"the pool); {len(paths):,} photos: {med['pass_folder']:,.0f} ({med['pass_folder'] / med['pool']:.2f}x)")
         print(f"  jobs/tag.py, {len(listed):,} rows: {med['tag_after']:,.0f} after the first batch "
               f"({med['tag_after'] / med['pool']:.2f}x the pool); {med['tag_all']:,.0f} in all, "
