@@ -160,6 +160,7 @@ def run(cfg: TuneConfig) -> tuple[str, object]:
 
     output = cfg.output or str(pipeline.default_output())
     name = cfg.run_name or trainer.new_run_name(output)
+    storage.check_new_output(output)  # the best run writes it after the search: refused before, not after
     source = catalog.open_catalog(base_config(cfg)) if cfg.train_data else data.load(cfg.data_dir)
     uri = tracking.tracking_uri(cfg.tracking_uri)
     if uri:

@@ -248,6 +248,11 @@ def staged_output(output: str, last: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_new_output(output: str) -> None:
+    """ConfigError unless `output` is free to be written (a job that writes it only at its end asks first)."""
+    _new_output(output)
+
+
 def _new_output(output: str) -> Place:
     try:
         place = Place.of(output)

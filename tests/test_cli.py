@@ -52,15 +52,18 @@ def test_bad_flag_values_are_usage_errors(args, complaint):
     assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error:")
 
 
-def test_existing_output_is_refused(tmp_path):
+@pytest.mark.parametrize("job", ["train.py", "tune.py"])  # tune.py writes it after its search: refused first
+def test_existing_output_is_refused(tmp_path, job):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}")
-    proc = run_train("--output", str(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--output", str(tmp_path / "run"),
+                           "--storage-path", str(tmp_path / "storage")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"train.py: error: --output {tmp_path / 'run'} exists already; choose a new folder (runs are never overwritten)"
+        f"{job}: error: --output {tmp_path / 'run'} exists already; choose a new folder (runs are never overwritten)"
     ]
-    assert (tmp_path / "run" / "metrics.json").read_text() == "{}"
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{}" and not (tmp_path / "storage").exists()
 
 
 def test_config_checks_its_own_values():
