@@ -149,12 +149,36 @@ def trials_table(results, epochs: int):
     return table.sort_values(["val_accuracy", "trial"], ascending=[False, True], na_position="last", ignore_index=True)
 
 
+def _tuner(cfg: TuneConfig, name: str, path: str, trainable, concurrent: int, resuming: bool):
+    """The search's Tuner: restored from `path` when `resuming` (finished trials kept, unfinished ones run again),
+    else a new one; says which on the console."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if resuming:
+        print(f"search {name}: resuming it from {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    print(f"search {name}: its state in {path} (if it is interrupted, start it again with --run-name {name} "
+          "to resume it)", flush=True)
+    return tune.Tuner(
+        trainable, param_space=param_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=cfg.trials,
+            # The generator itself keeps the trials at `concurrent` (Tune ignores max_concurrent_trials when
+            # given a generator): more would wait for CPUs until Ray Train's start-up times out.
+            search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
+                                    grace_period=cfg.grace_epochs, reduction_factor=2)),
+        run_config=tune.RunConfig(name=name, storage_path=storage.checkpoint_storage(cfg.storage_path),
+                                  verbose=0, callbacks=[Lines(name, cfg.trials, cfg.epochs)]),
+    )
+
+
 def run(cfg: TuneConfig) -> tuple[str, object]:
     """Search, then train the best settings as a normal run; (the output, the trials table)."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from clf import pipeline, trainer
 
@@ -188,24 +212,7 @@ def run(cfg: TuneConfig) -> tuple[str, object]:
             tags={"clf.kind": "search", "clf.data": training.identity})
         TRACKING["search"].params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
     with tracking.ended_on_failure(TRACKING["search"]):
-        if resuming:
-            print(f"search {name}: resuming it from {path}", flush=True)
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            print(f"search {name}: its state in {path} (if it is interrupted, start it again with --run-name {name} "
-                  "to resume it)", flush=True)
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(),
-                tune_config=tune.TuneConfig(
-                    metric=METRIC, mode="max", num_samples=cfg.trials,
-                    # The generator itself keeps the trials at `concurrent` (Tune ignores max_concurrent_trials
-                    # when given a generator): more would wait for CPUs until Ray Train's start-up times out.
-                    search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
-                                            grace_period=cfg.grace_epochs, reduction_factor=2)),
-                run_config=tune.RunConfig(name=name, storage_path=storage.checkpoint_storage(cfg.storage_path),
-                                          verbose=0, callbacks=[Lines(name, cfg.trials, cfg.epochs)]),
-            )
+        tuner = _tuner(cfg, name, path, trainable, concurrent, resuming)
         results, interrupted = runtime.tune_fit(tuner)
         if interrupted:
             for child in TRACKING["trials"].values():
