@@ -3,7 +3,7 @@
 test set. Prints one JSON line of figures, with the moments of the process (unix seconds) for a side by side
 with the Ray run's phases.
 
-    python benchmarks/plain_torch.py [--epochs 2] [--seed 0]
+    python benchmarks/plain_torch.py [--epochs 2] [--seed 0] [--device cuda] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from clf.train import Learner, array_batches, make_learner, new_model, train_epo
 
 
 def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split,
-          moments: dict | None = None) -> tuple[Learner, list[dict]]:
+          moments: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[Learner, list[dict]]:
     """The worker's loop as rank 0 of 1 (the Ray path's batches, in its order): the learner and the history.
     `moments`, if given, gets the unix times of the first and the last optimizer step."""
-    learner = make_learner(cfg, model, len(split.labels))
+    learner = make_learner(cfg, model.to(device), len(split.labels))
 
     def after_step(epoch: int, done: int) -> None:
         if moments is not None:
@@ -38,16 +38,17 @@ def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split,
             moments.setdefault("first_step", moments["last_step"])
 
     history = train_epochs(learner, lambda epoch: array_batches(split.images, split.labels, epoch, cfg, len(split.labels)),
-                           cfg, after_step=after_step)
+                           cfg, after_step=after_step, device=device)
     return learner, history
 
 
-def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int,
+            device: torch.device = torch.device("cpu")) -> np.ndarray:
     """Each image's predicted class, in batches."""
     model.eval()
     with torch.inference_mode():
         images = torch.from_numpy(images)
-        return torch.cat([model(data.preprocess(images[i : i + batch_size])).argmax(1)
+        return torch.cat([model(data.preprocess(images[i : i + batch_size].to(device))).argmax(1).cpu()
                           for i in range(0, len(images), batch_size)]).numpy()
 
 
@@ -56,20 +57,23 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the plain GPU loop")
+    p.add_argument("--data-dir", default=None)
     args = p.parse_args()
+    device = torch.device(args.device)
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
     moments = {"process": psutil.Process().create_time(), "imported": time.time()}
 
-    dataset = data.load()
+    dataset = data.load(args.data_dir)
     moments["data_loaded"] = time.time()
     # Training starts with the model and its optimizer, as in the Ray worker (building the first optimizer
     # of a process imports torch._dynamo).
     train_started = time.perf_counter()
-    learner, history = train(cfg, new_model(cfg, len(data.CLASSES)), dataset.train, moments)
+    learner, history = train(cfg, new_model(cfg, len(data.CLASSES)), dataset.train, moments, device)
     train_s = time.perf_counter() - train_started
 
     infer_started = time.perf_counter()
-    predictions = predict(learner.model, dataset.test.images, cfg.infer_batch_size)
+    predictions = predict(learner.model, dataset.test.images, cfg.infer_batch_size, device)
     infer_s = time.perf_counter() - infer_started
     scores = metrics.compute(dataset.test.labels, predictions, len(data.CLASSES))
     moments["evaluated"] = time.time()

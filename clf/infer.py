@@ -1,10 +1,5 @@
-"""One predictor, used by test-set evaluation and by catalog tagging alike.
-
-`Predictor` is a callable class for Ray Data's `map_batches`: each actor of the pool builds the model once,
-from the checkpoint's files that the driver read and put in Ray's object store (on a cluster whose nodes
-share no disk, a path would name a folder on the driver's disk only), and then maps batches of rows. Every
-column but `image` passes through untouched, so the row's id and label travel with its prediction whatever
-order Ray Data delivers the rows in.
+"""Inference over a Ray Dataset: the predictor (`clf.predictor.Predictor`) mapped over an actor pool, for
+test-set evaluation and catalog tagging alike; evaluation's rows checked complete before they are counted.
 """
 
 from __future__ import annotations
@@ -12,43 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import ray.data
-import torch
 
-from clf import console, runtime
-from clf.checkpoint import ModelFiles, build
-from clf.data import TrainingData, preprocess
+from clf import console
+from clf.checkpoint import ModelFiles
+from clf.data import TrainingData
 from clf.errors import ClfError
 from clf.plan import InferPlan
-
-
-class Predictor:
-    def __init__(self, model: ModelFiles | ray.ObjectRef, use_gpu: bool = False, num_threads: int | None = None,
-                 top_k: int = 0):
-        """`model`: a checkpoint's files, or the object-store reference the driver put them under. `top_k` > 0
-        adds the k likeliest classes per row."""
-        self.top_k = top_k
-        if num_threads:
-            runtime.use_cpus(num_threads)  # the CPUs this actor was given
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        # Where this actor runs, on every row it predicts (metrics.json's placement).
-        context = ray.get_runtime_context() if ray.is_initialized() else None
-        self.node = context.get_node_id() if context else ""
-        self.actor = (context.get_actor_id() or "") if context else ""
-        self.model, _ = build(ray.get(model) if isinstance(model, ray.ObjectRef) else model, self.device)
-
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.array(batch.pop("image"), dtype=np.uint8)).to(self.device)
-        probs = torch.softmax(self.model(preprocess(images)), dim=1)
-        top_probs, top_classes = probs.topk(max(1, self.top_k), dim=1)
-        batch["prediction"] = top_classes[:, 0].cpu().numpy().astype(np.int64)
-        batch["confidence"] = top_probs[:, 0].cpu().numpy().astype(np.float32)
-        batch["node"] = np.full(len(images), self.node, dtype=object)
-        batch["actor"] = np.full(len(images), self.actor, dtype=object)
-        if self.top_k:
-            batch["top_classes"] = top_classes.cpu().numpy().astype(np.int64)  # (N, top_k), likeliest first
-            batch["top_probs"] = top_probs.cpu().numpy().astype(np.float32)
-        return batch
+from clf.predictor import Predictor
 
 
 def predict(dataset: ray.data.Dataset, model: ModelFiles, plan: InferPlan, batch_size: int,

@@ -5,7 +5,7 @@ Zalando made Fashion-MNIST from its product photos (Xiao, Rasul and Vollgraf, 20
 to the colour of the corner pixels, resize the longest edge to 28, sharpen, extend the shorter edge to 28
 with the item centred, negate the intensities, 8-bit grayscale. `to_model_image` does the same to a photo, so that
 what reaches the model is what it was trained on: a light item on a black 28x28 background. From there
-tagging shares everything with training and evaluation: `clf.data.preprocess` and `clf.infer.Predictor`.
+tagging shares everything with training and evaluation: `clf.data.preprocess` and `clf.predictor.Predictor`.
 
 A photo is decoded at the smallest scale that keeps the detail a 28x28 result needs (DECODE_SIDE): a 1000 px
 JPEG in the DCT domain at 1/4 or 1/8 of its size, other formats reduced once decoded; then trimmed,

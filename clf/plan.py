@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from clf.config import TagConfig, TrainConfig
-from clf.errors import ConfigError
+from clf.config import ServeConfig, TagConfig, TrainConfig
+from clf.errors import ClfError, ConfigError
 
 # More nodes than an autoscaler will ever start in one group, for groups without a limit.
 UNBOUNDED = 1000
@@ -17,11 +17,18 @@ UNBOUNDED = 1000
 
 @dataclass(frozen=True)
 class Node:
-    """One alive node's whole CPUs and GPUs."""
+    """One alive node's whole CPUs and GPUs, and how many of them no other work holds now."""
 
     cpus: int
     gpus: int = 0
     node_id: str = ""
+    free_cpus: int | None = None  # None: all of them (a made-up node, or one an autoscaler would add)
+    free_gpus: int | None = None
+
+    def free(self) -> Node:
+        """The node as far as it is free now."""
+        return Node(self.cpus if self.free_cpus is None else self.free_cpus,
+                    self.gpus if self.free_gpus is None else self.free_gpus, self.node_id)
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,22 @@ class Cluster:
         grown = [Node(g.cpus, g.gpus) for g in self.groups for _ in range(min(g.max_count, UNBOUNDED))]
         return grown if len(grown) >= len(self.nodes) else list(self.nodes)
 
+    def free(self) -> list[Node]:
+        return [n.free() for n in self.nodes]
+
+    def is_busy(self) -> bool:
+        """Whether other work holds some of the nodes' CPUs or GPUs now."""
+        return self.free() != [Node(n.cpus, n.gpus, n.node_id) for n in self.nodes]
+
     def describe(self) -> str:
-        shapes = ", ".join(f"{n.cpus} CPU" + (f" + {n.gpus} GPU" if n.gpus else "") for n in self.nodes)
-        return f"{len(self.nodes)} node(s): {shapes}"
+        return f"{len(self.nodes)} node(s): {_shapes(self.nodes)}"
+
+    def describe_free(self) -> str:
+        return f"free now: {_shapes(self.free())} (the rest held by other work)"
+
+
+def _shapes(nodes) -> str:
+    return ", ".join(f"{n.cpus} CPU" + (f" + {n.gpus} GPU" if n.gpus else "") for n in nodes)
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,7 @@ class TrainPlan:
     use_gpu: bool
     placement: str = "PACK"  # Ray's placement group strategy for the workers
     waits_for_nodes: bool = False  # more than the nodes up now hold: the autoscaler must add some
+    sized_to_free: bool = False  # other work held part of the cluster: sized to what was free
 
     @property
     def elastic(self) -> bool:
@@ -90,8 +111,9 @@ def _default_cpu_worker(nodes) -> int:
 
 
 def _worker_size(cfg: TrainConfig, nodes: list[Node], largest: list[Node]) -> tuple[int, int]:
-    """(workers, CPUs each) from the settings, sized on the nodes that are up; where none of them has a CPU
-    (a KubeRay head with num-cpus 0 beside worker groups scaled to zero), on what the autoscaler may add."""
+    """(workers, CPUs each) from the settings, sized on what is free of the nodes that are up (`nodes`); where none
+    of them has a CPU free (a KubeRay head with num-cpus 0 beside worker groups scaled to zero), on what the
+    autoscaler may add."""
     cpus_up = any(n.cpus for n in nodes)
     sizing = nodes if cpus_up else largest
     if cfg.use_gpu:
@@ -114,29 +136,34 @@ def _worker_size(cfg: TrainConfig, nodes: list[Node], largest: list[Node]) -> tu
 
 
 def plan_training(cfg: TrainConfig, cluster: Cluster) -> TrainPlan:
-    """Workers and CPUs each, from the settings and the cluster's nodes; refuses what cannot fit, and
-    waits (a bounded wait: Ray Train's placement tries) only where an autoscaler can add what is missing."""
-    nodes, largest = list(cluster.nodes), cluster.largest()
+    """Workers and CPUs each, from the settings and what is free of the cluster's nodes now; refuses what cannot
+    fit, or cannot be placed now, and waits (a bounded wait: Ray Train's placement tries) only where an
+    autoscaler can add what is missing."""
+    free, largest = cluster.free(), cluster.largest()
     if not any(n.cpus for n in largest):
         raise ConfigError(f"the Ray cluster has no CPU for the training workers ({cluster.describe()})")
     gpus = 1 if cfg.use_gpu else 0
-    num_workers, cpus_per_worker = _worker_size(cfg, nodes, largest)
+    num_workers, cpus_per_worker = _worker_size(cfg, free, largest)
     min_workers = cfg.min_workers or num_workers
     if min_workers > num_workers:
         raise ConfigError(f"--min-workers {min_workers} is more than the {num_workers} workers of the run")
     plan = TrainPlan(num_workers, min_workers, cpus_per_worker, cfg.use_gpu,
                      # CPU workers compete for their node's cores and memory bandwidth: one per node where
                      # they can; GPU workers gain from sharing a node (NVLink, shared memory).
-                     placement="PACK" if cfg.use_gpu else "SPREAD")
-    if holds(nodes, cpus_per_worker, gpus) >= min_workers:  # an elastic run starts with what fits
+                     placement="PACK" if cfg.use_gpu else "SPREAD", sized_to_free=cluster.is_busy())
+    if holds(free, cpus_per_worker, gpus) >= min_workers:  # an elastic run starts with what fits
         return plan
     if cluster.groups and holds(largest, cpus_per_worker, gpus) >= num_workers:
         return dataclasses.replace(plan, waits_for_nodes=True)
     if cfg.use_gpu and holds(largest, 1, 1) < num_workers:
         raise ConfigError(f"--num-workers {min_workers} with --use-gpu needs {min_workers} GPUs; the cluster "
                           f"has {sum(n.gpus for n in largest)}{' at its largest' if cluster.groups else ''}")
+    asked = f"{min_workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if gpus else ''}"
+    if holds(largest, cpus_per_worker, gpus) >= min_workers:  # they fit the cluster, not what other work leaves
+        raise ClfError(f"{asked} cannot be placed now: the cluster has {cluster.describe()}, "
+                       f"{cluster.describe_free()}; no worker is split across nodes")
     raise ConfigError(
-        f"{min_workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if gpus else ''} do not fit on "
+        f"{asked} do not fit on "
         f"{'the largest cluster the autoscaler may run' if cluster.groups else 'the cluster'} "
         f"({Cluster(tuple(largest)).describe()}), which holds {holds(largest, cpus_per_worker, gpus)}; "
         "no worker is split across nodes"
@@ -192,5 +219,38 @@ def plan_tagging(cfg: TagConfig, cluster: Cluster, files: int) -> InferPlan:
         if not any(n.gpus for n in cluster.largest()):
             raise ConfigError("--use-gpu was given but the Ray cluster has no GPU (and no autoscaler that can add one)")
         return _pool(cfg.num_actors, sum(n.gpus for n in cluster.nodes), batches, 0, True)
-    # None up but an autoscaler can add one: one actor, once it has.
-    return _pool(cfg.num_actors, max(1, _cpus_up(cluster, "the predictor actors")), batches, 1, False)
+    # None up but an autoscaler can add one: one actor, once it has. Sized to what is free now (actors beyond it
+    # would wait for CPUs other work holds; the pool tags with the ones it has).
+    _cpus_up(cluster, "the predictor actors")
+    return _pool(cfg.num_actors, max(1, sum(n.cpus for n in cluster.free())), batches, 1, False)
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What each replica of the endpoint holds, and whether the autoscaler must add a node for the first ones."""
+
+    cpus: int
+    gpus: int
+    waits_for_nodes: bool = False
+
+    def describe(self) -> str:
+        return f"{self.cpus} CPU{' + 1 GPU' if self.gpus else ''}"
+
+
+def plan_serving(cfg: ServeConfig, cluster: Cluster) -> ServePlan:
+    """The replicas' resources; refuses a GPU that no node has or an autoscaler can add, and replicas no node can
+    hold. Whether they can be placed among what other work holds is Serve's to find out (a redeploy's replicas
+    replace the running ones): `clf.deploy` gives it a deadline."""
+    gpus = 1 if cfg.use_gpu else 0
+    largest = cluster.largest()
+    if cfg.use_gpu and not any(n.gpus for n in largest):
+        raise ConfigError("--use-gpu was given but the Ray cluster has no GPU (and no autoscaler that can add one)")
+    plan = ServePlan(cfg.cpus_per_replica, gpus)
+    needed = max(1, cfg.min_replicas)
+    if holds(largest, plan.cpus, gpus) < needed:
+        raise ConfigError(
+            f"{needed} replica(s) of {plan.describe()} do not fit on "
+            f"{'the largest cluster the autoscaler may run' if cluster.groups else 'the cluster'} "
+            f"({Cluster(tuple(largest)).describe()}); no replica is split across nodes"
+        )
+    return dataclasses.replace(plan, waits_for_nodes=holds(cluster.nodes, plan.cpus, gpus) < needed)

@@ -273,6 +273,31 @@ def serve_logging(ray_logs: bool):
     return LoggingConfig(log_level="INFO" if ray_logs else "WARNING")
 
 
+def job_runtime_env() -> dict:
+    """This job's runtime env (a `ray job submit --working-dir`'s upload, its pip packages): what an application it
+    deploys from a config must be built and run with too."""
+    return dict(ray.get_runtime_context().runtime_env)
+
+
+def apply_serve_application(app: dict, logging_config) -> None:
+    """Deploy `app` (a Serve config's application entry) as `serve deploy` does, keeping the other applications
+    deployed from configs (Serve's controller replaces the whole set with each config it is given). A config is
+    how Ray 2.60 updates running replicas in place (a changed user_config); its public way in is the dashboard's
+    REST API, which an embedded Ray does not start, so this goes through Serve's own client, as that API does
+    (`ray.serve.context._get_global_client`, private)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    details = client.get_serve_details()
+    others = [a["deployed_app_config"] for name, a in details.get("applications", {}).items()
+              if name != app["name"] and a.get("deployed_app_config")]
+    client.deploy_apps(ServeDeploySchema(
+        proxy_location=details["proxy_location"], http_options=details["http_options"],
+        applications=[*others, app | {"logging_config": logging_config}],
+    ))
+
+
 def wait_for_ctrl_c() -> None:
     """Until Ctrl-C (KeyboardInterrupt) or SIGTERM (as KeyboardInterrupt too)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -287,9 +312,11 @@ LAUNCHER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
 
 
 def cluster_nodes() -> Cluster:
-    """The connected cluster: its alive nodes and what an autoscaler may add."""
+    """The connected cluster: its alive nodes, what of them is free now, and what an autoscaler may add."""
+    free = ray._private.state.available_resources_per_node()  # node id -> resources no task, actor or group holds
     nodes = tuple(
-        Node(int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)), n["NodeID"])
+        Node(int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)), n["NodeID"],
+             int(free.get(n["NodeID"], {}).get("CPU", 0)), int(free.get(n["NodeID"], {}).get("GPU", 0)))
         for n in ray.nodes()
         if n.get("Alive")
     )
@@ -316,6 +343,13 @@ def autoscaler_groups(launcher_config: Path | None = LAUNCHER_CONFIG) -> tuple[N
     if launcher_config is not None and launcher_config.is_file():
         return launcher_groups(yaml.safe_load(launcher_config.read_text()))
     return None
+
+
+def actors_waiting_for_resources(class_name: str) -> int:
+    """How many actors whose class name starts with `class_name` wait to be placed (Ray's actor table: state
+    PENDING_CREATION, as a replica no node has room for stays)."""
+    waiting = ray._private.state.actors(actor_state_name="PENDING_CREATION")
+    return sum(1 for actor in waiting.values() if actor.get("ActorClassName", "").startswith(class_name))
 
 
 # A task on each node starts a worker process there: seconds, not minutes, unless a node is overloaded.
@@ -436,22 +470,27 @@ def ctrl_c_kept():
             signal.signal(signal.SIGINT, before)
 
 
-def training_failure(error: Exception) -> Exception:
+def training_failure(error: Exception, placed_before: bool, asked: str = "the workers") -> Exception:
     """What a failed fit() means, decided by the original exception's type: a ClfError for the failures we
     expect (a ClfError raised in a worker, a worker that died past --max-failures, workers Ray could not
-    place), else `error` itself, a bug to show with its traceback (Ray's message carries the worker's)."""
+    place), else `error` itself, a bug to show with its traceback (Ray's message carries the worker's).
+    `placed_before`: whether the run's workers had been placed and trained (then a placement that fails is one
+    after a failure); `asked`: what the run asks for, in words."""
     from ray.train import ControllerError, WorkerGroupError
     from ray.train.v2._internal.exceptions import RayTrainError  # Ray Train's own failures (not public)
 
     if isinstance(error, ControllerError):
         failure = error.controller_failure
-        # Ray names the "could not place the workers again" failure only by this private class.
-        if type(failure).__name__ == "WorkerGroupStartupTimeoutError":
+        # Ray names the "could not place the workers" failure only by this private class.
+        if type(failure).__name__ == "WorkerGroupStartupTimeoutError" and placed_before:
             return ClfError(
                 f"training failed: after a failure, {failure.num_workers} workers could not be placed again "
                 f"in {PLACEMENT_WAITS + 1} tries (a node lost for good?); with --min-workers a run goes on "
                 "with the workers that fit"
             )
+        if type(failure).__name__ == "WorkerGroupStartupTimeoutError":
+            return ClfError(f"training failed: {asked} could not be placed in {PLACEMENT_WAITS + 1} tries; the "
+                            f"cluster has {cluster_nodes().describe_free()}")
         return ClfError(f"training failed: {first_line(failure)}")
     if isinstance(error, WorkerGroupError):
         for rank, failure in sorted(error.worker_failures.items()):

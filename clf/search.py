@@ -5,23 +5,27 @@ photos). ASHA stops the weaker trials early; the trial with the best validation 
 never judged on the test set. The winner's settings are then trained and evaluated as a normal run
 (`clf.pipeline.run`: the usual outputs, test-set metrics), with trials.csv beside them.
 
-Trials run side by side as the cluster's CPUs allow (trials x workers x CPUs <= the cluster's CPUs), each
-trial's driver in a Tune trial taking no CPU of its own. The data is read and put in the object store once;
-every trial's workers fetch their parts of the same blocks. An interrupted search started again with the
-same --run-name resumes (Tune's restore): finished trials are kept, unfinished ones run again.
+Before any trial, the search checks what jobs/train.py checks (the storage and local paths every node must see,
+the tracking store) and plans each trial's workers as training does, on what is free; trials run side by side as
+many as fit on the nodes, each trial's driver in a Tune trial taking no CPU of its own. The data is read and put
+in the object store once; every trial's workers fetch their parts of the same blocks, and so does the final run
+(the validation rows trained on too). An interrupted search started again with the same --run-name resumes
+(Tune's restore): finished trials are kept, unfinished ones run again.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import re
+import sys
 
 from ray.tune import Callback
 
 from clf import catalog, data, plan, runtime, storage, tracking
 from clf.config import TrainConfig, TuneConfig
+from clf.data import TrainingRows
+from clf.errors import ClfError, Interrupted, first_line
 
 # What is searched: Ray Tune's sampling functions by setting. Batch sizes are global (all workers together).
 SPACE = {
@@ -53,7 +57,7 @@ def base_config(cfg: TuneConfig, **more) -> TrainConfig:
                        num_workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_worker, **more)
 
 
-def _trial(settings: dict, base: dict, parts: dict) -> None:
+def _trial(settings: dict, base: dict, rows: TrainingRows, workers: dict) -> None:
     """One trial, in a Tune trial: the job's TorchTrainer with these settings, reporting every epoch's record
     to Tune (TuneReportCallback: Ray Train V2's way into Tune). Each start of a trial is a new training run
     (its own run name): a trial that an interrupted search restarts trains from its first epoch again, and
@@ -64,15 +68,10 @@ def _trial(settings: dict, base: dict, parts: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from clf import trainer
-    from clf.data import TrainingData
 
     run_name = f"{trial_prefix(base['run_name'], tune.get_context().get_trial_id())}{secrets.token_hex(3)}"
     cfg = TrainConfig(**(base | settings | {"run_name": run_name}))
-    rows = TrainingData(classes=parts["classes"], source="", identity=parts["identity"], train=parts["rows"],
-                        num_train=parts["rows"].num_rows, eval_rows=None, eval_dataset=None, images_of=None,
-                        validation=parts["validation"])
-    workers = plan.TrainPlan(cfg.num_workers, cfg.num_workers, cfg.cpus_per_worker, False)
-    trainer._trainer(cfg, workers, rows, parts["identity"], board=None, mlflow_run_id=None,
+    trainer._trainer(cfg, plan.TrainPlan(**workers), rows, rows.identity, board=None, mlflow_run_id=None,
                      callbacks=[TuneReportCallback()], in_tune=True).fit()
 
 
@@ -91,14 +90,11 @@ def trial_number(trial_id: str) -> int:
 TRACKING: dict = {"search": None, "trials": {}}
 
 
-def _tracked_trial(trial):
-    return TRACKING["trials"].get(trial.trial_id)
-
-
-class Lines(Callback):
-    """Tune's callback, in the driver: a line per trial's start, epoch and error, and with tracking each trial a
-    nested MLflow run (the driver is the one writer). When Tune ends a trial (done, stopped by ASHA, or failed)
-    the placement group of its workers goes too (runtime.remove_placement_groups)."""
+class TrialCallback(Callback):
+    """Tune's callback, in the driver, that follows each trial: a line per trial's start, epoch and error; with
+    tracking, each trial a nested MLflow run (the driver is the one writer; a trial's run that cannot be started
+    is one warning, and the search goes on); when Tune ends a trial (done, stopped by ASHA, or failed), the
+    placement group of its workers, which Tune's stop leaves behind (runtime.remove_placement_groups)."""
 
     def __init__(self, name: str, total: int, epochs: int):
         self.name, self.total, self.epochs = name, total, epochs
@@ -107,15 +103,20 @@ class Lines(Callback):
         number = trial_number(trial.trial_id)
         print(f"trial {number}/{self.total}: {describe(trial.config)}", flush=True)
         if (search := TRACKING["search"]) is not None:
-            child = tracking.Tracker.start(search.uri, "tune.py", f"{self.name} trial {number}",
-                                           tags={"mlflow.parentRunId": search.run_id, "clf.kind": "trial"})
+            try:
+                child = tracking.Tracker.start(search.uri, "tune.py", f"{self.name} trial {number}",
+                                               tags={"mlflow.parentRunId": search.run_id, "clf.kind": "trial"})
+            except ClfError as e:
+                print(f"tune.py: warning: trial {number} is not tracked ({first_line(e)}); the search goes on",
+                      file=sys.stderr, flush=True)
+                return
             child.params(trial.config)
             TRACKING["trials"][trial.trial_id] = child
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(f"trial {trial_number(trial.trial_id)}/{self.total}: epoch {result['epoch']}/{self.epochs}, "
               f"validation accuracy {result[METRIC]:.4f}", flush=True)
-        if child := _tracked_trial(trial):
+        if child := TRACKING["trials"].get(trial.trial_id):
             child.metrics(tracking.epoch_metrics(result), step=result["epoch"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -171,77 +172,107 @@ def _tuner(cfg: TuneConfig, name: str, path: str, trainable, concurrent: int, re
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
                                     grace_period=cfg.grace_epochs, reduction_factor=2)),
         run_config=tune.RunConfig(name=name, storage_path=storage.checkpoint_storage(cfg.storage_path),
-                                  verbose=0, callbacks=[Lines(name, cfg.trials, cfg.epochs)]),
+                                  verbose=0, callbacks=[TrialCallback(name, cfg.trials, cfg.epochs)]),
     )
 
 
+def _checked(cfg: TuneConfig, name: str):
+    """What jobs/train.py checks before any work, for the search and its trials: the data listed (or read) and
+    its local paths seen by every node, the tracking store and the checkpoint storage tried (a local one seen by
+    every node), each trial's workers planned on what is free; (the data's source, the trials' plan, how many
+    trials fit side by side, the tracking URI)."""
+    from clf import trainer
+
+    base = base_config(cfg, run_name=name)
+    source = catalog.open_catalog(base) if cfg.train_data else data.load(cfg.data_dir)
+    if uri := tracking.tracking_uri(cfg.tracking_uri):
+        tracking.connect(uri)  # the tracking store answers, before any work
+    storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
+    runtime.quiet_tune(cfg.ray_logs)
+    runtime.connect(cfg.ray_logs, cfg.dashboard)
+    cluster = runtime.cluster_nodes()
+    workers = plan.plan_training(base, cluster)
+    trainer.check_storage_is_shared(base, cluster)
+    if cfg.train_data:
+        source.check_every_node_reads(cluster)
+    # A trial's workers are placed as a group (one per bundle of its CPUs): as many trials as whole groups fit.
+    concurrent = max(1, plan.holds(cluster.free(), workers.cpus_per_worker) // workers.num_workers)
+    return source, workers, concurrent, uri
+
+
 def run(cfg: TuneConfig) -> tuple[str, object]:
-    """Search, then train the best settings as a normal run; (the output, the trials table)."""
+    """Search, then train the best settings as a normal run on the same data, read once; (the output, the trials
+    table)."""
     import ray
-    from ray import tune
 
     from clf import pipeline, trainer
 
     output = cfg.output or str(pipeline.default_output())
     name = cfg.run_name or trainer.new_run_name(output)
     storage.check_new_output(output)  # the best run writes it after the search: refused before, not after
-    source = catalog.open_catalog(base_config(cfg)) if cfg.train_data else data.load(cfg.data_dir)
-    uri = tracking.tracking_uri(cfg.tracking_uri)
-    if uri:
-        tracking.connect(uri)  # the tracking store answers, before any work
-    storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
-    runtime.quiet_tune(cfg.ray_logs)
-    runtime.connect(cfg.ray_logs, cfg.dashboard)
-    cluster = runtime.cluster_nodes()
-    cpus = sum(n.cpus for n in cluster.nodes)
-    concurrent = max(1, cpus // (cfg.workers_per_trial * cfg.cpus_per_worker))
+    source, workers, concurrent, uri = _checked(cfg, name)
     training = source.prepare(validation=True)
     print(f"searching {cfg.trials} settings on {training.num_train:,} {training.unit} (validation: "
-          f"{training.validation.num_rows:,}), {concurrent} trial(s) at a time, up to {cfg.epochs} epoch(s) each",
-          flush=True)
-    parts = {"rows": training.train, "validation": training.validation, "classes": training.classes,
-             "identity": training.identity}
-    base = dataclasses.asdict(base_config(cfg, run_name=name, validation=True))
-    # The trial itself holds no CPU (only a byte of memory, as Tune asks for something): its workers hold them.
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, parts=parts), {"CPU": 0, "memory": 1})
+          f"{training.validation.num_rows:,}), {concurrent} trial(s) at a time of {workers.describe()}, up to "
+          f"{cfg.epochs} epoch(s) each", flush=True)
     path = f"{storage.checkpoint_storage(cfg.storage_path).rstrip('/')}/{name}"
-    resuming = tune.Tuner.can_restore(path)
-    if uri:  # the search's MLflow run; a resumed search continues it
-        TRACKING["search"] = tracking.Tracker.start(
-            uri, "tune.py", name, run_id=tracking.find_run(uri, name, "search") if resuming else None,
-            tags={"clf.kind": "search", "clf.data": training.identity})
-        TRACKING["search"].params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
+    resuming = _search_tracker(cfg, name, path, uri, training.identity)
     with tracking.ended_on_failure(TRACKING["search"]):
-        tuner = _tuner(cfg, name, path, trainable, concurrent, resuming)
-        results, interrupted = runtime.tune_fit(tuner)
-        if interrupted:
-            for child in TRACKING["trials"].values():
-                child.end("KILLED")  # the trials under way: a resumed search runs them again
-            from clf.errors import Interrupted
-
-            raise Interrupted(f"interrupted: search {name} keeps its state in {path}; start it again with "
-                              f"--run-name {name} (and the same settings) to resume it")
-        table = trials_table(results, cfg.epochs)
-        finished = table[table["error"] == ""].dropna(subset=["val_accuracy"])
-        if finished.empty:
-            from clf.errors import ClfError
-
-            raise ClfError(f"no trial of search {name} finished: {table['error'].iloc[0]}")
-        best = {k: finished.iloc[0][k] for k in SPACE}
-        best = {k: (int(v) if k == "batch_size" else float(v)) for k, v in best.items()}
-        print(f"best settings, validation accuracy {finished.iloc[0]['val_accuracy']:.4f}: {describe(best)}; "
-              "training them as a run", flush=True)
+        table = _search(cfg, name, path, resuming, concurrent, workers, training)
+        best, accuracy = _best(table, name)
+        print(f"best settings, validation accuracy {accuracy:.4f}: {describe(best)}; training them as a run",
+              flush=True)
         search = TRACKING["search"]
         if search is not None:
-            search.metrics({"best_val_accuracy": finished.iloc[0]["val_accuracy"]})
-        # The final run sizes itself to the cluster as jobs/train.py does.
+            search.metrics({"best_val_accuracy": accuracy})
+        # The final run sizes itself to the cluster as jobs/train.py does, on all the training data.
         final = dataclasses.replace(base_config(cfg), **best, output=output, run_name=f"{name}-best", tracking_uri=uri,
                                     ray_logs=cfg.ray_logs, num_workers=None, cpus_per_worker=None)
-        buffer = io.StringIO()
-        table.to_csv(buffer, index=False, quoting=csv.QUOTE_MINIMAL)
-        result = pipeline.run(final, extras={"trials.csv": buffer.getvalue().encode()},
-                              tracking_parent=search.run_id if search else None)
+        result = pipeline.run(final, extras={"trials.csv": table.to_csv(index=False, quoting=csv.QUOTE_MINIMAL).encode()},
+                              tracking_parent=search.run_id if search else None,
+                              read=(source, training.without_validation()))
     if search is not None:
         search.end()
     ray.shutdown()  # the job's Ray (or its connection): runtime.exit_now finds it stopped
     return str(result.output), table
+
+
+def _search_tracker(cfg: TuneConfig, name: str, path: str, uri: str | None, identity: str) -> bool:
+    """Whether the search resumes; with tracking, its MLflow run (a resumed search continues it)."""
+    from ray import tune
+
+    resuming = tune.Tuner.can_restore(path)
+    if uri:
+        TRACKING["search"] = tracking.Tracker.start(
+            uri, "tune.py", name, run_id=tracking.find_run(uri, name, "search") if resuming else None,
+            tags={"clf.kind": "search", "clf.data": identity})
+        TRACKING["search"].params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"})
+    return resuming
+
+
+def _search(cfg: TuneConfig, name: str, path: str, resuming: bool, concurrent: int, workers: plan.TrainPlan,
+            training) -> object:
+    """The trials, run by Tune: their table (`trials_table`). Interrupted raised on Ctrl-C."""
+    from ray import tune
+
+    base = dataclasses.asdict(base_config(cfg, run_name=name, validation=True))
+    # The trial itself holds no CPU (only a byte of memory, as Tune asks for something): its workers hold them.
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, rows=training.rows, workers=dataclasses.asdict(workers)),
+        {"CPU": 0, "memory": 1})
+    results, interrupted = runtime.tune_fit(_tuner(cfg, name, path, trainable, concurrent, resuming))
+    if interrupted:
+        for child in TRACKING["trials"].values():
+            child.end("KILLED")  # the trials under way: a resumed search runs them again
+        raise Interrupted(f"interrupted: search {name} keeps its state in {path}; start it again with "
+                          f"--run-name {name} (and the same settings) to resume it")
+    return trials_table(results, cfg.epochs)
+
+
+def _best(table, name: str) -> tuple[dict, float]:
+    """The settings of the best finished trial, and its validation accuracy."""
+    finished = table[table["error"] == ""].dropna(subset=["val_accuracy"])
+    if finished.empty:
+        raise ClfError(f"no trial of search {name} finished: {table['error'].iloc[0]}")
+    best = {k: (int(v) if k == "batch_size" else float(v)) for k, v in finished.iloc[0][list(SPACE)].items()}
+    return best, float(finished.iloc[0]["val_accuracy"])

@@ -45,14 +45,19 @@ class Tracker:
 
     @classmethod
     def start(cls, uri: str, prog: str, name: str, run_id: str | None = None, tags: dict | None = None) -> Tracker:
-        """A new run of the experiment (MLFLOW_EXPERIMENT_NAME, else "clf"), or the run `run_id` continued.
-        ConfigError when the store cannot be reached."""
+        """A new run of the experiment (MLFLOW_EXPERIMENT_NAME, else "clf"), or the run `run_id` continued (a new
+        one, with a warning, when that one cannot be: deleted, or in another store). ConfigError when the store
+        cannot be reached."""
         client = connect(uri)
-        try:
-            if run_id is not None:
+        if run_id is not None:
+            try:
                 client.update_run(run_id, status="RUNNING")
-            else:
-                run_id = client.create_run(_experiment(client, uri), run_name=name, tags=tags or {}).info.run_id
+                return cls(client, run_id, prog, uri)
+            except Exception as e:  # noqa: BLE001 - deleted, or kept in another store: never a reason to stop a resume
+                print(f"{prog}: warning: MLflow run {run_id} cannot be continued ({first_line(e)}); this run is "
+                      "tracked as a new MLflow run", file=sys.stderr, flush=True)
+        try:
+            run_id = client.create_run(_experiment(client, uri), run_name=name, tags=tags or {}).info.run_id
         except Exception as e:  # noqa: BLE001 - MLflow raises its own, and requests', and sqlalchemy's errors
             raise ConfigError(f"--tracking-uri {uri}: the run could not be started ({first_line(e)})") from None
         return cls(client, run_id, prog, uri)

@@ -1,10 +1,9 @@
 """The training step and the epoch loop, in plain PyTorch: the Ray Train worker (`clf.trainer`) and the
 plain baseline of the benchmarks run these same functions.
 
-Data: each rank holds its shard of the training set as uint8 arrays, in id order (Ray Train's equal split of
-the training Dataset, `clf.trainer.take_shard`; the whole set in the plain baseline), and each epoch cuts a
-seeded permutation of it into as many batches as the global batch size gives steps. Same data, seed and
-worker count, same batches.
+Data: each rank holds its part of the training set as uint8 arrays, in id order (`clf.data.Blocks.take`; the
+whole set in the plain baseline), and each epoch cuts a seeded permutation of it into as many batches as the
+global batch size gives steps. Same data, seed and worker count, same batches.
 """
 
 from __future__ import annotations
@@ -186,8 +185,11 @@ def train_epochs(learner: Learner, batches_of_epoch: Callable[[int], Iterable[Ba
             "data_wait_s": waited,  # rank 0's (or this rank's): time the loop stood waiting for a batch
         }
         if validation is not None:
-            val_loss, val_correct, val_count = reduce(validate(learner.model, *validation, device)).tolist()
-            record |= {"val_loss": val_loss / val_count, "val_accuracy": val_correct / val_count}
+            # The module itself, not DDP's wrapper: a wrapped forward broadcasts buffers, a collective that a rank
+            # with no held-out rows (fewer than the workers) never joins. Each rank counts its own rows.
+            module = getattr(learner.model, "module", learner.model)
+            val_loss, val_correct, val_count = reduce(validate(module, *validation, device)).tolist()
+            record |= {"val_loss": val_loss / max(val_count, 1), "val_accuracy": val_correct / max(val_count, 1)}
         records.append(record)
         after_epoch(record)
     return records

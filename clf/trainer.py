@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import posixpath
 import secrets
 import tempfile
@@ -32,7 +33,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, Ru
 from clf import checkpoint as ckpt
 from clf import console, runtime, storage, tracking
 from clf.config import TrainConfig
-from clf.data import TrainingData
+from clf.data import TrainingData, TrainingRows
 from clf.errors import ClfError, ConfigError, Interrupted
 from clf.plan import Cluster, TrainPlan
 from clf.train import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
@@ -59,6 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
     board = Board(loop_config["board"]) if rank == 0 and loop_config["board"] else None
+    if rank == 0:  # rank 0 exports each checkpoint's ONNX model: the exporter's onnx package imported meanwhile
+        threading.Thread(target=importlib.import_module, args=("onnx",), daemon=True).start()
     images, labels = loop_config["rows"].take(rank, world_size)
     held_out = loop_config["validation"].take(rank, world_size) if loop_config["validation"] else None
     # When this attempt's worker started, entered the loop and held its part (rank 0's; unix seconds).
@@ -175,14 +178,14 @@ class Board:
 
 
 def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int, unit: str,
-                   stop: threading.Event, on_epoch=None) -> dict:
+                   stop: threading.Event, state: dict, on_epoch=None) -> None:
     """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one line
-    for each epoch done (handed to `on_epoch` too) and each note. Returns the board's last state."""
-    progress, shown, finished, seen, state = None, -1, 0, (0, 0), {}
+    for each epoch done (handed to `on_epoch` too) and each note. `state` is kept as the board was last read."""
+    progress, shown, finished, seen = None, -1, 0, (0, 0)
     while True:
         stopping = stop.wait(0.5)  # once set: the last records, then done
         try:
-            state = board.read() or state
+            state.update(board.read() or {})
         except Exception:  # noqa: BLE001 - progress is not worth a failure (the GCS is reached again at the next read)
             continue
         records, notes = state.get("records", [])[seen[0]:], state.get("notes", [])[seen[1]:]
@@ -208,7 +211,6 @@ def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int,
             progress.update(min(num_train, num_train * steps // total) - progress.done)
     if progress is not None:
         progress.close()
-    return state
 
 
 def epoch_line(record: dict, epochs: int, unit: str = "images") -> str:
@@ -316,19 +318,20 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     called = time.time()
     board_key = f"{cfg.run_name}-{secrets.token_hex(4)}"
     board, stop = runtime.Noticeboard(board_key), threading.Event()
-    state: dict = {}
+    state: dict = {}  # the board as the driver last read it
     on_epoch = (lambda record: tracker.metrics(tracking.epoch_metrics(record), step=record["epoch"])) if tracker else None
-    shower = threading.Thread(target=lambda: state.update(_show_progress(board, cfg, data.num_train, data.unit, stop,
-                                                                         on_epoch)), daemon=True)
+    shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, data.unit, stop, state, on_epoch),
+                              daemon=True)
     shower.start()
     with runtime.ctrl_c_kept():
         try:
-            result = _trainer(cfg, plan, data, listing or data.identity, board_key,
+            result = _trainer(cfg, plan, data.rows, listing or data.identity, board_key,
                               tracker.run_id if tracker else None).fit()
         except KeyboardInterrupt:
             raise Interrupted(interrupted(cfg)) from None
         except Exception as e:
-            failure = runtime.training_failure(e)
+            failure = runtime.training_failure(e, placed_before=bool(state.get("step", [0, 0, 0])[2]),
+                                               asked=plan.describe())
             if failure is e:
                 raise  # a bug of ours: its traceback, and the worker's in Ray's message
             raise failure from None
@@ -366,7 +369,7 @@ def interrupted(cfg: TrainConfig) -> str:
             f"start it again with --run-name {cfg.run_name} (and the same settings) to resume it")
 
 
-def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str, board: str | None,
+def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str, board: str | None,
              mlflow_run_id: str | None, callbacks: list | None = None, in_tune: bool = False):
     """The TorchTrainer of a run: `board`, the key of the noticeboard rank 0 posts on (None: none);
     `callbacks`, Ray Train's (a Tune trial's TuneReportCallback); `in_tune`: a Tune trial's run, whose workers'
@@ -374,13 +377,13 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str
     loop_config = {
         "mlflow_run_id": mlflow_run_id,
         "board": board,
-        "rows": data.train,  # references: each rank fetches its own part
-        "validation": data.validation,
+        "rows": rows.train,  # references: each rank fetches its own part
+        "validation": rows.validation,
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
-        "classes": data.classes,
-        "num_train": data.num_train,
-        "identity": {"listing": listing, "photos": data.identity},
+        "classes": rows.classes,
+        "num_train": rows.train.num_rows,
+        "identity": {"listing": listing, "photos": rows.identity},
     }
     return runtime.torch_trainer(
         train_loop_per_worker,

@@ -21,9 +21,9 @@ from clf.config import ServeConfig  # noqa: E402
 
 
 def serve(cfg: ServeConfig) -> str:
-    from clf import serving  # here, not above: --help and usage errors answer before Ray and torch load
+    from clf import deploy  # here, not above: --help and usage errors answer before Ray and torch load
 
-    return serving.run(cfg, announce=lambda line: print(line, flush=True))
+    return deploy.run(cfg, announce=lambda line: print(line, flush=True))
 
 
 def main(argv=None) -> int:

@@ -27,10 +27,10 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from clf import data, runtime  # noqa: E402
-from tests.helpers import ROOT, listening_addresses  # noqa: E402
+from tests.helpers import ROOT, imported_torch, listening_addresses  # noqa: E402
 
 # Fixtures that start Ray or a server: a test using one belongs in the slow lane.
-SLOW_FIXTURES = {"ray_local", "s3", "one_epoch", "cluster", "two_nodes", "served"}
+SLOW_FIXTURES = {"ray_local", "s3", "one_epoch", "cluster", "two_nodes", "served", "endpoint"}
 # Where a fast test's subprocesses find "their cluster": nothing listens on the discard port.
 NOWHERE = "127.0.0.1:9"
 
@@ -87,6 +87,23 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cluster(s3, tmp_path_factory):
+    """The two-node rig, for the session: a head from `ray start` and a second node whose disk is its own (its
+    private folders over the tests' folder and ~/ray_results), 2 CPUs each, token authentication on, both
+    reaching the S3 server. The tests that use it leave it as they found it (no job or application running);
+    stopped at the end, its own processes only."""
+    from tests.ray_cluster import LocalCluster, not_shared
+
+    c = LocalCluster(num_cpus=2).start()
+    try:
+        c.add_worker_node(num_cpus=2, private=not_shared(tmp_path_factory.getbasetemp()))
+        yield c
+    finally:
+        c.stop()
+    assert c.processes() == []
+
+
+@pytest.fixture(scope="session")
 def real_data() -> data.FashionMNIST:
     try:
         return data.load()
@@ -110,22 +127,27 @@ def one_epoch(tmp_path_factory):
          str(out.parent / "ray"), "--tracking-uri", tracking_uri],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    listening, started, names = set(), {}, set()
+    listening, started, names, predictors = set(), {}, set(), {}
+    polls = 0
     while proc.poll() is None:
-        listening |= listening_addresses(proc.pid)
+        if polls % 5 == 0:
+            listening |= listening_addresses(proc.pid)
+        polls += 1
         try:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 started.setdefault(p.pid, p)
-                names.add(_name(p))
+                names.add(name := _name(p))
+                if name.startswith("ray::MapWorker") and (torch := imported_torch(p.pid)) is not None:
+                    predictors[p.pid] = torch  # the evaluation's predictor actors: torch imported or not
         except psutil.NoSuchProcess:
             pass
-        time.sleep(1)
+        time.sleep(0.2)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     time.sleep(1)
     left = [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     return SimpleNamespace(output=out, stdout=stdout, stderr=stderr, listening=listening, left_running=left, names=names,
-                           tracking_uri=tracking_uri,
+                           tracking_uri=tracking_uri, predictors=predictors,
                            metrics=json.loads((out / "metrics.json").read_text()))
 
 

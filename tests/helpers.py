@@ -94,3 +94,11 @@ def listening_addresses(pid: int) -> set[tuple[str, str]]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def imported_torch(pid: int) -> bool | None:
+    """Whether the process `pid` has imported torch (its library is mapped into the process); None if it is gone."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None

@@ -46,7 +46,7 @@ def test_malicious_pickle_is_refused_and_its_code_does_not_run(saved, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("missing", [checkpoint.WEIGHTS, checkpoint.MODEL_CONFIG])
+@pytest.mark.parametrize("missing", [checkpoint.WEIGHTS, checkpoint.MODEL_CONFIG, checkpoint.ONNX])
 def test_missing_files(saved, missing):
     folder, _ = saved
     (folder / missing).unlink()
@@ -66,3 +66,25 @@ def test_checkpoint_of_another_shape(saved):
 def test_not_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint.load_model(tmp_path / "nothing")
+
+
+def test_an_onnx_model_that_is_not_the_described_one_is_refused(saved):
+    folder, _ = saved
+    other = tmp_onnx = folder.parent / "other"
+    torch.manual_seed(1)
+    checkpoint.save(other, FashionCNN(channels=(4, 8), hidden=16), data.CLASSES)
+    (folder / checkpoint.ONNX).write_bytes((tmp_onnx / checkpoint.ONNX).read_bytes())
+    with pytest.raises(CheckpointError, match="model.onnx is not the model model.json describes"):
+        checkpoint.read(str(folder))
+
+
+def test_a_checkpoint_from_before_onnx_gets_its_onnx_model_on_reading(saved):
+    folder, _ = saved
+    written = checkpoint.read(str(folder))
+    (folder / checkpoint.ONNX).unlink()
+    meta = json.loads((folder / checkpoint.MODEL_CONFIG).read_text())
+    del meta["onnx_sha256"]
+    (folder / checkpoint.MODEL_CONFIG).write_text(json.dumps(meta))
+    exported = checkpoint.read(str(folder))
+    # The same model in both: the export is of the weights, deterministic.
+    assert exported.onnx == written.onnx and exported.description == written.description

@@ -6,7 +6,8 @@ import torch
 
 from clf import checkpoint, data
 from clf.errors import ClfError
-from clf.infer import Predictor, check_complete, placement, predict
+from clf.infer import check_complete, placement, predict
+from clf.predictor import Predictor
 from clf.model import FashionCNN
 from clf.plan import InferPlan
 

@@ -95,6 +95,23 @@ def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):
     assert not [p for p in one_epoch.output.parent.iterdir() if ".partial-" in p.name]
 
 
+def test_evaluation_ran_on_onnx_runtime_with_torchs_classes_and_probabilities(one_epoch, real_data):
+    """The predictor actors imported no torch; on every test image their class is the torch model's, and their
+    confidence within 1e-5 of it."""
+    import torch
+
+    from clf import checkpoint
+
+    assert one_epoch.predictors, "no predictor actor was seen"
+    assert not any(one_epoch.predictors.values()), one_epoch.predictors
+    model = checkpoint.inference_model(checkpoint.load_model(one_epoch.output / "checkpoint")[0])
+    with torch.inference_mode():
+        probabilities = model(torch.from_numpy(real_data.test.images)).numpy()
+    rows = pd.read_parquet(one_epoch.output / "predictions.parquet").set_index("id").sort_index()
+    np.testing.assert_array_equal(rows["prediction"].to_numpy(), probabilities.argmax(1))
+    np.testing.assert_allclose(rows["confidence"].to_numpy(), probabilities.max(1), atol=1e-5)
+
+
 def test_checkpoint_loads_without_ray_and_predicts_what_the_job_did(one_epoch, real_data):
     images = one_epoch.output.parent / "first100.npy"
     np.save(images, real_data.test.images[:100])

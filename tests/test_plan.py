@@ -6,10 +6,11 @@ import re
 import pytest
 import yaml
 
-from clf.config import TagConfig, TrainConfig
-from clf.errors import ConfigError
+from clf.config import ServeConfig, TagConfig, TrainConfig
+from clf.errors import ClfError, ConfigError
 from clf.plan import (
-    Cluster, InferPlan, Node, NodeGroup, TrainPlan, launcher_groups, plan_inference, plan_tagging, plan_training,
+    Cluster, InferPlan, Node, NodeGroup, ServePlan, TrainPlan, launcher_groups, plan_inference, plan_serving,
+    plan_tagging, plan_training,
 )
 from tests.helpers import ROOT
 
@@ -143,3 +144,60 @@ def test_tagging_plan_reads_in_the_actors_on_cpus_and_beside_them_on_gpus():
     assert plan_tagging(gpu_tag, KUBERAY_EMPTY, 20_000) == InferPlan(1, 0, True)
     with pytest.raises(ConfigError, match="no CPU for the predictor actors"):
         plan_tagging(tag, NO_CPU, 20_000)
+
+
+# Other work holds part of the cluster (an endpoint's replica, another job): sized to what is free, and said.
+HALF_BUSY_LAPTOP = cluster(Node(2, free_cpus=1))
+RIG_WITH_AN_ENDPOINT = cluster(Node(2, free_cpus=1), Node(2, free_cpus=2))
+FULL_LAPTOP = cluster(Node(2, free_cpus=0))
+
+
+@pytest.mark.parametrize(
+    "settings, nodes, plan",
+    [
+        ({}, HALF_BUSY_LAPTOP, TrainPlan(1, 1, 1, False, "SPREAD", sized_to_free=True)),
+        ({}, RIG_WITH_AN_ENDPOINT, TrainPlan(3, 3, 1, False, "SPREAD", sized_to_free=True)),
+        ({"cpus_per_worker": 2}, RIG_WITH_AN_ENDPOINT, TrainPlan(1, 1, 2, False, "SPREAD", sized_to_free=True)),
+        ({"num_workers": 2}, RIG_WITH_AN_ENDPOINT, TrainPlan(2, 2, 1, False, "SPREAD", sized_to_free=True)),
+    ],
+)
+def test_a_busy_cluster_plans_on_what_is_free(settings, nodes, plan):
+    assert plan_training(TrainConfig(**settings), nodes) == plan
+
+
+@pytest.mark.parametrize(
+    "settings, nodes, complaint",
+    [
+        ({}, FULL_LAPTOP, "1 worker(s) x 2 CPU cannot be placed now: the cluster has 1 node(s): 2 CPU, free now: "
+                          "0 CPU (the rest held by other work); no worker is split across nodes"),
+        ({"cpus_per_worker": 2}, HALF_BUSY_LAPTOP, "1 worker(s) x 2 CPU cannot be placed now"),
+        ({"num_workers": 4, "cpus_per_worker": 1}, RIG_WITH_AN_ENDPOINT, "free now: 1 CPU, 2 CPU"),
+    ],
+)
+def test_what_fits_the_cluster_but_not_what_is_free_is_one_line_naming_both(settings, nodes, complaint):
+    with pytest.raises(ClfError, match=re.escape(complaint)) as refused:
+        plan_training(TrainConfig(**settings), nodes)
+    assert not isinstance(refused.value, ConfigError)  # not a usage error: the same run fits another time
+
+
+def test_serving_plans_each_replicas_resources_and_refuses_what_nothing_holds():
+    serve = ServeConfig(checkpoint="c")
+    assert plan_serving(serve, LAPTOP) == ServePlan(1, 0)
+    assert plan_serving(ServeConfig(checkpoint="c", use_gpu=True, cpus_per_replica=2), ONE_GPU) == ServePlan(2, 1)
+    # The autoscaler may add a GPU node: the deploy waits for it (and says so).
+    assert plan_serving(ServeConfig(checkpoint="c", use_gpu=True), CLUSTER_YAML_AUTOSCALING.__class__(
+        (Node(4),), LAUNCHER_GROUPS)) == ServePlan(1, 1, waits_for_nodes=True)
+    with pytest.raises(ConfigError, match=re.escape("--use-gpu was given but the Ray cluster has no GPU (and no "
+                                                    "autoscaler that can add one)")):
+        plan_serving(ServeConfig(checkpoint="c", use_gpu=True), THREE_NODES)
+    with pytest.raises(ConfigError, match=re.escape("1 replica(s) of 8 CPU do not fit on the cluster (3 node(s): "
+                                                    "4 CPU, 4 CPU, 4 CPU)")):
+        plan_serving(ServeConfig(checkpoint="c", cpus_per_replica=8), THREE_NODES)
+    with pytest.raises(ConfigError, match=re.escape("3 replica(s) of 1 CPU do not fit")):
+        plan_serving(ServeConfig(checkpoint="c", min_replicas=3, max_replicas=3), LAPTOP)
+
+
+def test_tagging_is_sized_to_the_free_cpus():
+    tag = TagConfig(checkpoint="c", input="i", output="o")
+    assert plan_tagging(tag, RIG_WITH_AN_ENDPOINT, 20_000) == InferPlan(3, 1, False)
+    assert plan_tagging(tag, FULL_LAPTOP, 20_000) == InferPlan(1, 1, False)  # one, placed once a CPU is free

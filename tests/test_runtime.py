@@ -17,27 +17,28 @@ from tests.helpers import ROOT
 
 def test_a_clf_error_in_a_worker_stays_one_line_of_its_kind():
     error = WorkerGroupError("rank 0 failed", {0: CheckpointError("checkpoint x has no model.pt")})
-    failure = runtime.training_failure(error)
+    failure = runtime.training_failure(error, placed_before=True)
     assert type(failure) is CheckpointError
     assert str(failure) == "training failed on worker 0: checkpoint x has no model.pt"
 
 
 def test_a_dead_worker_is_a_known_failure():
     error = WorkerGroupError("rank 1 died", {1: ActorDiedError()})
-    failure = runtime.training_failure(error)
+    failure = runtime.training_failure(error, placed_before=True)
     assert type(failure) is ClfError and str(failure).startswith("training failed: worker 1 died (")
 
 
 def test_a_controller_failure_is_a_known_failure():
-    failure = runtime.training_failure(ControllerError(RuntimeError("placement group could not be created\nmore")))
+    failure = runtime.training_failure(ControllerError(RuntimeError("placement group could not be created\nmore")),
+                                       placed_before=False)
     assert type(failure) is ClfError and str(failure) == "training failed: placement group could not be created"
 
 
 def test_a_bug_in_a_worker_stays_the_error_it_was():
     error = WorkerGroupError("rank 0 failed", {0: ZeroDivisionError("division by zero")})
-    assert runtime.training_failure(error) is error
+    assert runtime.training_failure(error, placed_before=True) is error
     other = KeyError("x")
-    assert runtime.training_failure(other) is other
+    assert runtime.training_failure(other, placed_before=False) is other
 
 
 def test_run_job_gives_known_failures_one_line_and_lets_bugs_through(capsys):

@@ -97,3 +97,19 @@ def test_a_continued_run_adds_new_params_and_keeps_the_first_starts_values(tmp_p
     run = MlflowClient(uri).get_run(first.run_id)
     assert run.data.params == {"epochs": "4", "output": "runs/first", "ray_logs": "False"}
     assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}
+
+
+def test_a_resumed_run_whose_mlflow_run_is_gone_is_tracked_as_a_new_one_with_one_warning(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tracking.Tracker.start(uri, "train.py", "nightly")
+    first.end("KILLED")
+    MlflowClient(uri).delete_run(first.run_id)  # deleted by someone, as its checkpoints still name it
+    again = tracking.Tracker.start(uri, "train.py", "nightly", run_id=first.run_id)
+    again.metrics({"loss": 0.5}, step=2)
+    again.end()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train.py: warning: MLflow run {first.run_id} cannot be continued ("), err
+    assert err[0].endswith("this run is tracked as a new MLflow run")
+    assert again.run_id != first.run_id
+    run = MlflowClient(uri).get_run(again.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}

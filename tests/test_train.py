@@ -172,3 +172,23 @@ def test_a_bug_in_a_worker_reaches_the_driver_with_its_type_and_traceback(ray_lo
     failure = caught.value.worker_failures[0]
     assert not isinstance(failure, CheckpointError)  # not one of ours: shown as it is, never as one line
     assert "in take" in str(caught.value)  # with the worker's traceback, down to where it failed
+
+
+@pytest.mark.slow
+def test_fewer_held_out_rows_than_workers_validate_without_hanging(ray_local, real_data, tmp_path):
+    # A catalog with fewer validation photos than workers: one rank holds none. A DDP-wrapped forward would have
+    # the other rank wait for it in a buffer broadcast for ever.
+    import threading
+    from dataclasses import replace
+
+    training = training_data(real_subset(real_data, 400, seed=5))
+    held = real_subset(real_data, 1, seed=6)
+    training = replace(training, validation=data.Blocks.put(data.tables(held)))
+    outcome = {}
+    fitting = threading.Thread(target=lambda: outcome.update(fitted=run_fit(training, tmp_path, "one-held", workers=2,
+                                                                            epochs=1, validation=True)), daemon=True)
+    fitting.start()
+    fitting.join(timeout=150)
+    assert not fitting.is_alive(), "training with an empty validation part on one rank hung"
+    record = outcome["fitted"].history[-1]
+    assert record["workers"] == 2 and 0 <= record["val_accuracy"] <= 1 and record["val_loss"] > 0

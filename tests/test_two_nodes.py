@@ -24,22 +24,10 @@ from tests.catalog import write_broken, write_catalog
 from tests.faults import finish, kill_driver, start_driver, wait_for_checkpoint, worker_killed_after_first_checkpoint
 from tests.console_lines import EPOCH, check_only_ours
 from tests.helpers import ROOT, real_dataset_dir
-from tests.ray_cluster import LocalCluster, not_shared
 
 pytestmark = pytest.mark.slow
 
 TRAIN = str(ROOT / "jobs" / "train.py")
-
-
-@pytest.fixture(scope="module")
-def cluster(s3, tmp_path_factory):
-    c = LocalCluster(num_cpus=2).start()
-    try:
-        c.add_worker_node(num_cpus=2, private=not_shared(tmp_path_factory.getbasetemp()))
-        yield c
-    finally:
-        c.stop()
-    assert c.processes() == []
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +120,7 @@ def test_checkpoints_and_outputs_in_a_bucket_and_a_worker_killed_on_the_other_no
     # Without sizing flags, one worker per node sized to it; one of them was killed and the run resumed.
     assert metrics["plan"]["training"] == {
         "num_workers": 2, "min_workers": 2, "cpus_per_worker": 2, "use_gpu": False, "placement": "SPREAD",
-        "waits_for_nodes": False,
+        "waits_for_nodes": False, "sized_to_free": False,
     }
     assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3] and metrics["history"][-1]["resumed_from_epoch"] >= 1
@@ -175,6 +163,18 @@ def local_storage(tmp_path, data_dir, small_catalog, untrained, bucket):
             f"--storage-path {Path.home() / 'ray_results'} is on this machine's disk only: 1 of the 2 nodes")
 
 
+def search_with_local_storage(tmp_path, data_dir, small_catalog, untrained, bucket):
+    """A search checks what training checks, before any trial."""
+    return (["jobs/tune.py", "--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--trials", "2"],
+            f"--storage-path {Path.home() / 'ray_results'} is on this machine's disk only: 1 of the 2 nodes")
+
+
+def search_on_a_local_catalog(tmp_path, data_dir, small_catalog, untrained, bucket):
+    return (["jobs/tune.py", "--train-data", str(small_catalog), "--storage-path", f"{bucket}/checkpoints",
+             "--output", str(tmp_path / "out")],
+            f"--train-data {small_catalog} (its photos) is on this machine's disk only: 1 of the 2 nodes")
+
+
 def local_catalog(tmp_path, data_dir, small_catalog, untrained, bucket):
     return (["jobs/train.py", "--train-data", str(small_catalog), "--storage-path", f"{bucket}/checkpoints",
              "--output", str(tmp_path / "out")],
@@ -187,7 +187,8 @@ def local_photos(tmp_path, data_dir, small_catalog, untrained, bucket):
             f"--input {small_catalog} (its photos) is on this machine's disk only: 1 of the 2 nodes")
 
 
-@pytest.mark.parametrize("case", [local_storage, local_catalog, local_photos])
+@pytest.mark.parametrize("case", [local_storage, local_catalog, local_photos, search_with_local_storage,
+                                  search_on_a_local_catalog])
 def test_local_paths_the_other_node_cannot_see_are_refused_before_any_work(cluster, data_dir, small_catalog, untrained,
                                                                            bucket, tmp_path, case):
     entrypoint, complaint = case(tmp_path, data_dir, small_catalog, untrained, bucket)
@@ -197,7 +198,7 @@ def test_local_paths_the_other_node_cannot_see_are_refused_before_any_work(clust
     assert proc.returncode == 2, log[-3000:]
     errors = [line for line in log.splitlines() if ".py: error:" in line]
     assert len(errors) == 1 and complaint in errors[0], log[-3000:]
-    assert "Traceback" not in log and "epoch 1/" not in log and "tagging " not in log
+    assert "Traceback" not in log and "epoch 1/" not in log and "tagging " not in log and "trial 1/" not in log
     assert not (tmp_path / "out").exists()
 
 

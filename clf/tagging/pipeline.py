@@ -32,20 +32,15 @@ import pyarrow.parquet as pq
 import ray.data
 
 from clf import checkpoint as ckpt
-from clf import console, plan, runtime, storage, tracking
+from clf import console, plan, predictor, runtime, storage, tracking
 from clf.catalog import read_in_blocks, read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
 from clf.report import provenance, reason_counts, text_table
 from clf.plan import InferPlan
+from clf.tagging.rows import COLUMNS, TOP_K, tag_columns
 
-TOP_K = 3
-COLUMNS = [
-    "path", "tag", "class_id", "confidence",
-    *(f"top{k}{part}" for k in range(1, TOP_K + 1) for part in ("", "_prob")),
-    "needs_review", "error",
-]
 # Written last into the output: an output without it is incomplete.
 SUMMARY = "summary.json"
 
@@ -117,31 +112,6 @@ def list_inputs(source: str) -> list[str]:
     return [place.resolve(entry) for entry in column.fillna("").astype(str)]
 
 
-def tag_columns(top_classes: np.ndarray, top_probs: np.ndarray, errors: np.ndarray, classes: list[str],
-                review_threshold: float) -> dict:
-    """The columns of a tags file but `path`, from the predictor's k likeliest classes and their probabilities
-    for each photo ((N, k) arrays) and each photo's error ("" when it was read): a photo with an error gets no
-    tag (missing values), and needs no review. Tagging's rows and serving's answers alike."""
-    ok = errors == ""
-    names = np.asarray(classes, dtype=object)
-
-    def tag_or_none(ids):
-        return pd.array(np.where(ok, names[ids], None), dtype="string")
-
-    def value_or_na(values, dtype):
-        return pd.array(np.where(ok, values, None), dtype=dtype)
-
-    columns = {}
-    for k in range(TOP_K):
-        columns[f"top{k + 1}"] = tag_or_none(top_classes[:, k])
-        columns[f"top{k + 1}_prob"] = value_or_na(top_probs[:, k], "Float64")
-    columns["tag"], columns["confidence"] = columns["top1"], columns["top1_prob"]
-    columns["class_id"] = value_or_na(top_classes[:, 0], "Int64")
-    columns["needs_review"] = ok & (top_probs[:, 0] < review_threshold)
-    columns["error"] = errors.astype(str)
-    return columns
-
-
 def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) -> pd.DataFrame:
     """The predictor's output as rows of tags (and the input's `index` and the `node` that tagged it)."""
     columns = tag_columns(np.stack(batch["top_classes"].to_numpy()), np.stack(batch["top_probs"].to_numpy()),
@@ -151,7 +121,7 @@ def to_rows(batch: pd.DataFrame, classes: list[str], review_threshold: float) ->
 
 def run(cfg: TagConfig) -> TagResult:
     model = ckpt.read(cfg.checkpoint)  # on the driver, once: fails here, in one line, if it cannot be loaded
-    ckpt.build(model)
+    predictor.check(model)
     paths = list_inputs(cfg.input)
     if uri := tracking.tracking_uri(cfg.tracking_uri):
         tracking.connect(uri)  # the tracking store answers, before any work
@@ -205,7 +175,8 @@ def _tag(cfg: TagConfig, pool: InferPlan, paths: list[str], model: ckpt.ModelFil
     task of its own, that cheap step waited for a CPU the actors held, and every block with it."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
     prepared = read_in_blocks(listing, cfg.batch_size, num_cpus=pool.cpus_per_actor or 1)
-    return predict(prepared, model, pool, None, top_k=TOP_K)
+    # A batch a block: Ray Data asks GPU actors for a batch size (a block has cfg.batch_size rows, the last fewer).
+    return predict(prepared, model, pool, cfg.batch_size if pool.use_gpu else None, top_k=TOP_K)
 
 
 def each_input_once(tagged: Iterable[pd.DataFrame], count: int) -> Iterator[pd.DataFrame]:
