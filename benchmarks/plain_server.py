@@ -1,6 +1,6 @@
-"""The serving baseline: the same photo conversion and model as `jobs/serve.py` (clf.photos, clf.infer.Predictor,
-the tags' columns), in one uvicorn + FastAPI process, without Ray and without batching: a photo per forward pass,
-converted in the request's handler.
+"""The serving baseline: the same photo conversion, predictor and engine as `jobs/serve.py` (clf.photos,
+clf.predictor.Predictor on ONNX Runtime, the tags' columns), in one uvicorn + FastAPI process, without Ray and
+without batching: a photo per forward pass, converted in the request's handler.
 
     python benchmarks/plain_server.py --checkpoint runs/NAME/checkpoint [--port 8123]
 """
@@ -19,9 +19,9 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 
 from clf import checkpoint, photos  # noqa: E402
-from clf.infer import Predictor  # noqa: E402
+from clf.predictor import Predictor  # noqa: E402
 from clf.serving import _frame, _records  # noqa: E402
-from clf.tagging.pipeline import tag_columns  # noqa: E402
+from clf.tagging.rows import tag_columns  # noqa: E402
 
 
 def app_for(location: str) -> FastAPI:

@@ -52,6 +52,20 @@ def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int,
                           for i in range(0, len(images), batch_size)]).numpy()
 
 
+def predict_onnx(model: torch.nn.Module, images: np.ndarray, batch_size: int) -> float:
+    """Seconds to export the model to ONNX and predict `images` with ONNX Runtime (one thread per CPU); after the
+    process's measured figures: its own, apart."""
+    from clf import checkpoint
+    from clf.predictor import OnnxEngine
+
+    started = time.perf_counter()
+    files = checkpoint.ModelFiles("plain", b"", {"classes": list(data.CLASSES)}, checkpoint.export_onnx(model))
+    engine = OnnxEngine(files, threads=torch.get_num_threads())
+    for i in range(0, len(images), batch_size):
+        engine(images[i : i + batch_size]).argmax(1)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     defaults = TrainConfig()
     p = argparse.ArgumentParser()
@@ -75,11 +89,13 @@ def main() -> None:
     infer_started = time.perf_counter()
     predictions = predict(learner.model, dataset.test.images, cfg.infer_batch_size, device)
     infer_s = time.perf_counter() - infer_started
-    scores = metrics.compute(dataset.test.labels, predictions, len(data.CLASSES))
     moments["evaluated"] = time.time()
+    infer_onnx_s = predict_onnx(learner.model, dataset.test.images, cfg.infer_batch_size) if device.type == "cpu" else None
+    scores = metrics.compute(dataset.test.labels, predictions, len(data.CLASSES))
     print(json.dumps({
         "train_s": train_s,
         "infer_s": infer_s,
+        "infer_onnx_s": infer_onnx_s,
         "in_process_s": time.perf_counter() - STARTED,
         "accuracy": scores.accuracy,
         "history": history,

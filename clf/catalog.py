@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -27,7 +27,7 @@ from clf import console, runtime, storage
 from clf.config import TrainConfig
 from clf.data import Blocks, TrainingData
 from clf.plan import Cluster
-from clf.errors import DataError, first_line
+from clf.errors import ConfigError, DataError, first_line
 from clf.report import reasons
 from clf import photos
 
@@ -107,6 +107,8 @@ class Catalog:
     classes: list[str]
     seed: int
     fraction: float  # of each class held out for evaluation (and, of the rest, for validation)
+    sources: list[dict] = field(default_factory=list)  # each --train-data source's counts (`merge_sources`)
+    relabelled: list[dict] = field(default_factory=list)  # path, from, to: each label a later source changed
 
     @cached_property
     def identity(self) -> str:
@@ -201,28 +203,76 @@ def read_blocks(parts: dict[str, pd.DataFrame], per_block: int,
     return {split: [(outcome, table) for outcome, (_, table) in zip(outcomes[split], blocks[split])] for split in blocks}
 
 
-def read_in_blocks(rows: pd.DataFrame, per_block: int, **remote_args) -> ray.data.Dataset:
-    """The photos of `rows` (a `path` column; the others pass through) read and converted by Ray Data
-    (`photos.read_photos`), a task to each block of `per_block` consecutive rows; the blocks stay whole."""
-    blocks = [rows.iloc[i:i + per_block] for i in range(0, len(rows), per_block)]
-    return ray.data.from_pandas(blocks).map_batches(photos.read_photos, batch_size=None, batch_format="numpy",
-                                                    **remote_args)
-
-
 def open_catalog(cfg: TrainConfig) -> Catalog:
-    """List --train-data (and --eval-data, or hold out --eval-fraction of each class); check the classes."""
-    listing = list_labelled(cfg.train_data, "--train-data")
+    """List --train-data's sources (merged: `merge_sources`), and --eval-data, or hold out --eval-fraction of each
+    class; check the classes."""
+    listing, sources, relabelled = merge_sources(cfg.train_data)
+    shown = " + ".join(cfg.train_data)
     if cfg.eval_data is not None:
         train, held = listing, list_labelled(cfg.eval_data, "--eval-data")
     else:
         train, held = hold_out(listing, cfg.eval_fraction, cfg.seed)
     classes = sorted(set(train["label"]))
     if len(classes) < 2:
-        raise DataError(f"--train-data {cfg.train_data} has {len(classes)} class(es); a classifier needs two or more")
+        raise DataError(f"--train-data {shown} has {len(classes)} class(es); a classifier needs two or more")
     strangers = sorted(set(held["label"]) - set(classes))
     if strangers:
         raise DataError(f"the evaluation photos have class {strangers[0]!r}, which the training photos lack")
     if held.empty:
-        raise DataError(f"no photo is held out for evaluation from --train-data {cfg.train_data}")
-    return Catalog(source=str(cfg.train_data), train=train, held=held, classes=classes, seed=cfg.seed,
-                   fraction=cfg.eval_fraction)
+        raise DataError(f"no photo is held out for evaluation from --train-data {shown}")
+    return Catalog(source=shown, train=train, held=held, classes=classes, seed=cfg.seed, fraction=cfg.eval_fraction,
+                   sources=sources, relabelled=relabelled)
+
+
+# The review page's answer for a photo of none of the classes (review.html's "none of these"): a row with it is left
+# out of training, and so is the photo, whatever an earlier source said.
+NONE_OF_THESE = "(none of these)"
+
+
+def merge_sources(sources: tuple[str, ...]) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """The photos of --train-data's sources read in order, a photo named again taking the later label: (path,
+    label, size) of each; each source's row count and what it did (`relabelled` photos of earlier sources,
+    `added` photos, `left_out` ones marked NONE_OF_THESE); and each relabelled photo (path, from, to). A later
+    source's label must be one of the first source's classes: ConfigError naming the row, before any work."""
+    merged, counts, changes = None, [], []
+    for source in sources:
+        rows = list_labelled(source, "--train-data").drop_duplicates("path", keep="last")
+        none = rows["label"] == NONE_OF_THESE
+        if merged is None:
+            merged, classes = rows[~none], sorted(set(rows.loc[~none, "label"]))
+            counts.append({"source": source, "rows": len(rows), "relabelled": 0, "added": len(merged),
+                           "left_out": int(none.sum())})
+            continue
+        _check_classes(source, rows[~none], classes)
+        before = merged.set_index("path")["label"]
+        earlier = rows["path"].map(before)  # the label an earlier source gave, or NaN
+        changed = rows[~none & earlier.notna() & (earlier != rows["label"])]
+        changes += [{"path": p, "from": before[p], "to": label} for p, label in zip(changed["path"], changed["label"])]
+        counts.append({"source": source, "rows": len(rows), "relabelled": len(changed),
+                       "added": int((~none & earlier.isna()).sum()), "left_out": int(none.sum())})
+        kept = merged[~merged["path"].isin(set(rows["path"]))]
+        # A photo named again keeps the size an earlier source listed for it (a listing gives none).
+        sizes = rows["path"].map(merged.set_index("path")["size"]).fillna(rows["size"]).astype(np.int64)
+        merged = pd.concat([kept, rows[~none].assign(size=sizes[~none])], ignore_index=True)
+    return merged.reset_index(drop=True), counts, changes
+
+
+def _check_classes(source: str, rows: pd.DataFrame, classes: list[str]) -> None:
+    strangers = rows[~rows["label"].isin(classes)]
+    if not strangers.empty:
+        row = strangers.index[0]
+        raise ConfigError(
+            f"--train-data {source}: row {row + 1} ({strangers.at[row, 'path']}) has class {strangers.at[row, 'label']!r}, "
+            f"which is not one of the classes ({', '.join(classes)}) or {NONE_OF_THESE!r}"
+        )
+
+
+def describe_sources(counts: list[dict]) -> str:
+    """The sources in one line: "training data: catalog (1,200 photos), corrections.csv (40 rows: 3 relabelled, 2
+    added, 1 left out as none of these)"."""
+    first, *later = counts
+    parts = [f"{first['source']} ({first['added']:,} photos"
+             + (f", {first['left_out']:,} left out as none of these)" if first["left_out"] else ")")]
+    parts += [f"{c['source']} ({c['rows']:,} rows: {c['relabelled']:,} relabelled, {c['added']:,} added, "
+              f"{c['left_out']:,} left out as none of these)" for c in later]
+    return "training data: " + ", ".join(parts)

@@ -36,10 +36,10 @@ METAVARS = {int: "N", float: "X"}
 
 
 def _value_type(annotation) -> type:
-    """int for `int` and `int | None`, and so on."""
+    """int for `int` and `int | None`, and so on; tuple for `tuple[str, ...]` (a flag given once or more)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return annotation
+    return typing.get_origin(annotation) or annotation
 
 
 def parser_for(config_class, description: str) -> argparse.ArgumentParser:
@@ -50,6 +50,9 @@ def parser_for(config_class, description: str) -> argparse.ArgumentParser:
         if kind is bool:
             action = "store_true" if f.default is False else argparse.BooleanOptionalAction
             parser.add_argument(flag(f.name), action=action, default=f.default, help=help_text)
+            continue
+        if kind is tuple:  # a flag given once or more: its values in order
+            parser.add_argument(flag(f.name), action="append", default=f.default, metavar=f.name.upper(), help=help_text)
             continue
         required = f.default is dataclasses.MISSING
         if not required and f.default is not None:

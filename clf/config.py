@@ -57,6 +57,18 @@ def a_path(value) -> str | None:
     return None if isinstance(value, str) and value.strip() else f"must be a path, got {value!r}"
 
 
+def paths(value) -> str | None:
+    """One or more paths (a flag given more than once)."""
+    if not isinstance(value, tuple) or not value:
+        return f"must be one or more paths, got {value!r}"
+    return next((problem for item in value if (problem := a_path(item))), None)
+
+
+def as_paths(value):
+    """A path given as a plain string (Python callers), or a list (the command line's), as a tuple of paths."""
+    return (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+
+
 def one_of(*choices: str):
     def check(value) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
@@ -105,10 +117,11 @@ class TrainConfig:
     data_dir: str | None = setting(None, help="folder with the four Fashion-MNIST idx files (.gz or not). Default: "
                                               "$CLF_DATA_DIR, /usr/share/datasets/fashion-mnist, "
                                               "~/.cache/clf/fashion-mnist", check=a_path)
-    train_data: str | None = setting(None, help="train on a store's own labelled photos instead of Fashion-MNIST: "
-                                                "a folder with one sub-folder per class (PATH/<class>/<photos>), "
-                                                "or a .parquet or .csv listing with `path` and `label` columns",
-                                      check=a_path)
+    train_data: tuple[str, ...] | None = setting(
+        None, help="train on a store's own labelled photos instead of Fashion-MNIST: a folder with one sub-folder per "
+                   "class (PATH/<class>/<photos>), or a .parquet or .csv listing with `path` and `label` columns. "
+                   "Given again, more sources, read in order: a photo named again takes the later label (a review's "
+                   "corrections.csv), rows labelled \"(none of these)\" are left out", check=paths)
     eval_data: str | None = setting(None, help="the photos to evaluate on, laid out as --train-data. Default: a "
                                                "seeded, stratified --eval-fraction of each class of --train-data",
                                     check=a_path)
@@ -131,6 +144,8 @@ class TrainConfig:
                                                       "with --use-gpu) or one per batch of --infer-batch-size, "
                                                       "whichever is fewer",
                                             check=at_least(1))
+    compare: str | None = setting(None, help="an earlier run's outputs (runs/NAME, or a URI): report.html shows its "
+                                             "per-class precision and recall beside this run's", check=a_path)
     ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
                                          "lines, what Ray's worker processes print); Ray writes them to its log "
                                          "files either way")
@@ -141,6 +156,7 @@ class TrainConfig:
                                           "own; a cluster's dashboard is the cluster's affair")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "train_data", as_paths(self.train_data))
         check_fields(self)
         if self.num_workers is not None and self.batch_size < self.num_workers:
             raise ConfigError(
@@ -251,8 +267,8 @@ class TuneConfig:
                                            "CPUs allow", check=at_least(1))
     seed: int = setting(0, help="seeds the settings drawn, and every trial's training", check=at_least(0))
     data_dir: str | None = setting(None, help="as jobs/train.py's --data-dir", check=a_path)
-    train_data: str | None = setting(None, help="as jobs/train.py's --train-data: search on a store's catalog",
-                                     check=a_path)
+    train_data: tuple[str, ...] | None = setting(None, help="as jobs/train.py's --train-data (given again: more "
+                                                            "sources): search on a store's catalog", check=paths)
     eval_data: str | None = setting(None, help="as jobs/train.py's --eval-data", check=a_path)
     eval_fraction: float = setting(0.1, help="as jobs/train.py's --eval-fraction (the validation photos are held out "
                                              "of the training photos the same way)",
@@ -270,6 +286,7 @@ class TuneConfig:
                                           "own")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "train_data", as_paths(self.train_data))
         check_fields(self)
         if self.grace_epochs > self.epochs:
             raise ConfigError(f"grace_epochs ({self.grace_epochs}) is more than epochs ({self.epochs})")

@@ -80,13 +80,17 @@ def decode(data: bytes, side: int | None = DECODE_SIDE) -> Image.Image:
     return ImageOps.exif_transpose(image)  # as a camera's orientation tag says it is shown
 
 
-def to_gray(image: Image.Image) -> np.ndarray:
-    """(H, W) float32 intensities 0-255; transparent parts become white, as on a product page."""
+def on_white(image: Image.Image) -> Image.Image:
+    """The image with its transparent parts white, as on a product page (one without transparency as it is)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32)
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image
+
+
+def to_gray(image: Image.Image) -> np.ndarray:
+    """(H, W) float32 intensities 0-255; transparent parts become white."""
+    return np.asarray(on_white(image).convert("L"), dtype=np.float32)
 
 
 def to_model_image(image: Image.Image) -> np.ndarray:
@@ -129,15 +133,32 @@ def load(data: bytes, side: int | None = DECODE_SIDE) -> np.ndarray:
     return to_model_image(decode(data, side))
 
 
-def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# A thumbnail's longer side (review.html shows each photo to review at this size).
+THUMBNAIL_SIDE = 160
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """A JPEG of the decoded photo (`decode`'s), its longer side THUMBNAIL_SIDE pixels at most; transparent parts
+    white, as on a product page."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
+    encoded = io.BytesIO()
+    on_white(small).convert("RGB").save(encoded, "JPEG", quality=80)
+    return encoded.getvalue()
+
+
+def read_photos(batch: dict[str, np.ndarray], keep_decoded: bool = False) -> dict[str, np.ndarray]:
     """Ray Data task: each row's file (column `path`, a local path or a URI) read and brought into the
     model's domain as `image`, or `error` says why it could not be; `size`, the bytes read (-1 when none
-    were); the other columns pass through. One bad file never stops the job. The files are read through
-    one filesystem per bucket, remote ones several at a time (`storage.read_each`)."""
+    were); with `keep_decoded`, `decoded`, each photo as decoded (a PIL image, None where it could not be:
+    what a thumbnail is made from, in the same process); the other columns pass through. One bad file never
+    stops the job. The files are read through one filesystem per bucket, remote ones several at a time
+    (`storage.read_each`)."""
     paths = batch["path"]
     images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors = np.full(len(paths), "", dtype=object)
     sizes = np.full(len(paths), -1, dtype=np.int64)
+    decoded = np.full(len(paths), None, dtype=object)
     for i, data in enumerate(storage.read_each([str(p) for p in paths])):
         try:
             if data is None:
@@ -145,7 +166,10 @@ def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if isinstance(data, Exception):
                 raise data
             sizes[i] = len(data)
-            images[i] = load(data)
+            photo = decode(data)
+            images[i] = to_model_image(photo)
+            if keep_decoded:
+                decoded[i] = photo
         except PhotoError as e:
             errors[i] = str(e)
         except FileNotFoundError:
@@ -156,7 +180,7 @@ def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             errors[i] = "permission denied"
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the job; its row says why
             errors[i] = f"could not read or decode ({type(e).__name__}: {first_line(e)})"
-    return batch | {"image": images, "error": errors, "size": sizes}
+    return batch | {"image": images, "error": errors, "size": sizes} | ({"decoded": decoded} if keep_decoded else {})
 
 
 def read_rows(ids: np.ndarray, paths: np.ndarray, labels: np.ndarray):

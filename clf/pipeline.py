@@ -71,6 +71,7 @@ class Job:
     earlier: dict | None  # the train state of the run this one resumes, if any
     tracker: tracking.Tracker | None
     clock: Stopwatch
+    previous: dict | None = None  # --compare: the earlier run's metrics.json
 
 
 def run(cfg: TrainConfig, extras: dict[str, bytes] | None = None, tracking_parent: str | None = None,
@@ -108,6 +109,9 @@ def _begin(cfg: TrainConfig, clock: Stopwatch, source, tracking_parent: str | No
     with clock.phase("load_data_s"):
         if source is None:
             source = catalog.open_catalog(cfg) if cfg.train_data else data.load(cfg.data_dir, cfg.download)
+        if len(getattr(source, "sources", ())) > 1:
+            print(catalog.describe_sources(source.sources), flush=True)
+        previous = report.read_metrics(cfg.compare, "--compare") if cfg.compare else None
         if uri := tracking.tracking_uri(cfg.tracking_uri):
             tracking.connect(uri)  # the tracking store answers, before any work
         storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
@@ -126,7 +130,7 @@ def _begin(cfg: TrainConfig, clock: Stopwatch, source, tracking_parent: str | No
         earlier = trainer.previous_run(cfg)
         print(trainer.resume_notice(cfg, earlier, source.identity), flush=True)
         tracker = _tracker(uri, cfg, earlier, source.identity, tracking_parent) if uri else None
-    return Job(cfg, source, cluster, train_plan, earlier, tracker, clock)
+    return Job(cfg, source, cluster, train_plan, earlier, tracker, clock, previous)
 
 
 def _read(job: Job) -> data.TrainingData:
@@ -220,8 +224,13 @@ def _write(folder: Path, job: Job, infer_plan: InferPlan, training: data.Trainin
         "run": cfg.run_name, "epochs": cfg.epochs, "workers": job.plan.describe(), "data": training.source,
         "finished": datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": provenance["git_commit"] or "unknown",
     }
+    compared = job.previous and {"location": cfg.compare, "run": job.previous.get("config", {}).get("run_name"),
+                                 "accuracy": job.previous["accuracy"]}
+    if compared:
+        facts["compared with"] = f"{compared['run'] or compared['location']} (accuracy {compared['accuracy']:.4f})"
     mistakes = _confident_mistakes(rows, training)
-    report.write_run_report(folder, scores, training.classes, history, mistakes, facts, training.eval_name)
+    report.write_run_report(folder, scores, training.classes, history, mistakes, facts, training.eval_name,
+                            previous=job.previous)
     report.write_metrics(folder / "metrics.json", scores, training.classes, {
         "config": dataclasses.asdict(cfg),
         "plan": {"training": dataclasses.asdict(job.plan), "inference": dataclasses.asdict(infer_plan)},
@@ -232,6 +241,10 @@ def _write(folder: Path, job: Job, infer_plan: InferPlan, training: data.Trainin
         },
         "data_source": training.source,
         "data_identity": training.identity,
+        # A catalog's --train-data sources, each with its rows and what it changed; each photo a later one relabelled.
+        "sources": getattr(job.source, "sources", []),
+        "relabelled": getattr(job.source, "relabelled", []),
+        "compared_with": compared or None,
         "skipped_files": training.skipped,
         "history": history,
         "timings": job.clock.total(),

@@ -23,7 +23,8 @@ PACKAGES = ("torch", "torchvision", "ray", "torchmetrics", "numpy", "pyarrow")
 
 # How each column of a table is shown, on the terminal and in report.html.
 FORMATS = {
-    "precision": "{:.4f}", "recall": "{:.4f}", "loss": "{:.4f}", "train accuracy": "{:.4f}",
+    "precision": "{:.4f}", "recall": "{:.4f}", "before: precision": "{:.4f}", "before: recall": "{:.4f}",
+    "precision change": "{:+.4f}", "recall change": "{:+.4f}", "loss": "{:.4f}", "train accuracy": "{:.4f}",
     "images/s": "{:,.0f}", "elapsed s": "{:.1f}", "count": "{:,}",
     # jobs/tune.py's trials
     "lr": "{:.4g}", "weight_decay": "{:.2g}", "label_smoothing": "{:.3f}", "width": "{:g}", "val_accuracy": "{:.4f}",
@@ -41,8 +42,17 @@ def reasons(errors) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in reason_counts(errors).most_common())
 
 
-def class_frame(metrics: Metrics, classes) -> pd.DataFrame:
-    return pd.DataFrame({"class": list(classes), "precision": metrics.precision, "recall": metrics.recall})
+def class_frame(metrics: Metrics, classes, previous: dict | None = None) -> pd.DataFrame:
+    """Per class: precision and recall; with `previous` (an earlier run's metrics.json), its precision and recall
+    beside them (by class name: a class it did not have gets none) and the change of each."""
+    frame = pd.DataFrame({"class": list(classes), "precision": metrics.precision, "recall": metrics.recall})
+    if previous is None:
+        return frame
+    before = pd.DataFrame({"class": previous["classes"], "before: precision": previous["precision"],
+                           "before: recall": previous["recall"]})
+    frame = frame.merge(before, on="class", how="left")
+    return frame.assign(**{"precision change": frame["precision"] - frame["before: precision"],
+                           "recall change": frame["recall"] - frame["before: recall"]})
 
 
 def history_frame(history: list[dict]) -> pd.DataFrame:
@@ -52,8 +62,13 @@ def history_frame(history: list[dict]) -> pd.DataFrame:
 
 
 def formatted(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame as the strings a person reads."""
-    return frame.apply(lambda column: column.map((FORMATS.get(column.name) or "{}").format))
+    """The frame as the strings a person reads (a missing value as a dash)."""
+    return frame.apply(lambda column: column.map(
+        lambda value: "–" if _missing(value) else (FORMATS.get(column.name) or "{}").format(value)))
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def text_table(frame: pd.DataFrame) -> str:
@@ -106,6 +121,23 @@ def _git_commit() -> str | None:
         return None
 
 
+def read_metrics(location: str, flag: str) -> dict:
+    """An earlier run's metrics.json, from its outputs' folder (local or a URI); ConfigError naming `flag` where
+    there is none, or it is not one."""
+    from clf import storage
+    from clf.errors import ConfigError, first_line
+
+    try:
+        found = json.loads(storage.read_location(storage.Place.of(location).child("metrics.json")))
+        if not {"classes", "precision", "recall", "accuracy"} <= set(found):
+            raise ValueError("it holds no per-class metrics")
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {location} holds no metrics.json: is it a run's outputs?") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {location}: its metrics.json cannot be read ({first_line(e)})") from None
+    return found
+
+
 def write_metrics(path: Path, metrics: Metrics, classes, extra: dict) -> None:
     body = {
         "accuracy": metrics.accuracy,
@@ -136,10 +168,11 @@ REPORT_FILES = {
 
 
 def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict], mistakes: dict, facts: dict,
-                     evaluated: str = "test images") -> None:
+                     evaluated: str = "test images", previous: dict | None = None) -> None:
     """Figures and `report.html` beside metrics.json. `mistakes`: the most confident wrong predictions,
     as arrays `images` (N, 28, 28) uint8, `label`, `prediction`, `confidence`, `id`. `evaluated`: what the
-    evaluation rows are, in words (test images, evaluation photos)."""
+    evaluation rows are, in words (test images, evaluation photos). `previous`: an earlier run's metrics.json
+    (--compare), whose per-class figures the table shows beside these."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -154,7 +187,7 @@ def write_run_report(folder: Path, metrics: Metrics, classes, history: list[dict
         plt.close("all")
     page = PAGE.render(
         metrics=metrics, facts=facts, files=REPORT_FILES,
-        per_class=formatted(class_frame(metrics, classes)), epochs=formatted(history_frame(history)),
+        per_class=formatted(class_frame(metrics, classes, previous)), epochs=formatted(history_frame(history)),
         evaluated=evaluated,
     )
     (folder / "report.html").write_text(page)

@@ -1,4 +1,5 @@
-"""Tag product photos with a trained checkpoint: one row per file (tag, confidence, top 3, review flag, error).
+"""Tag product photos with a trained checkpoint: one row per file (tag, confidence, top 3, review flag, error),
+and review.html, the page where a person reviews the photos the model is unsure of.
 
     python jobs/tag.py --checkpoint runs/NAME/checkpoint --input PHOTOS --output OUT [--format csv] ...
 
@@ -23,7 +24,9 @@ def tag(cfg: TagConfig) -> str:
     from clf.tagging import pipeline  # here, not above: --help and usage errors answer before Ray and torch load
 
     result = pipeline.run(cfg)
-    return f"{pipeline.summary(result, cfg.review_threshold)}\ntags in {result.output.rstrip('/')}/{cfg.tags_name}"
+    output = result.output.rstrip("/")
+    return (f"{pipeline.summary(result, cfg.review_threshold)}\ntags in {output}/{cfg.tags_name}; the photos to review "
+            f"in {output}/review.html")
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,8 @@ OURS = [re.compile(p) for p in (
     rf"skipped {N} file\(s\) that cannot be read \(.+\): listed in metrics\.json",
     rf"read {N} photos in {X} s",
     rf"training on {N} (images|photos) of \d+ classes from .+: .+, \d+ epoch\(s\)",
+    r"training data: .+ \(.+\)",
+    r"sized to what is free: the cluster has .+, free now: .+ \(the rest held by other work\)",
     EPOCH.pattern,
     PROGRESS.pattern,
     rf"accuracy {X} over {N} (test images|evaluation photos)",
@@ -31,7 +33,7 @@ OURS = [re.compile(p) for p in (
     rf"needs review \(confidence below {X}\): {N}",
     rf"failed: {N}( \(.+\))?",
     r"predictor actors ran on \d+ node\(s\): .+",
-    r"tags in \S+",
+    r"tags in \S+; the photos to review in \S+",
 )]
 
 

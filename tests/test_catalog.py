@@ -46,6 +46,33 @@ def test_the_split_depends_on_the_files_and_the_seed_alone():
     assert set(catalog.hold_out(files, 0.1, seed=1)[1]["path"]) != set(held["path"])  # another seed
 
 
+def test_later_sources_relabel_add_and_leave_out_photos(tmp_path):
+    for label in ("bags", "shoes"):
+        (tmp_path / "shop" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "shop" / label / f"{i}.jpg").write_bytes(b"x")
+    shop = tmp_path / "shop"
+    pd.DataFrame({"path": [str(shop / "bags" / "0.jpg"), str(shop / "bags" / "1.jpg"), str(shop / "shoes" / "0.jpg"),
+                           str(tmp_path / "new.jpg"), str(shop / "shoes" / "2.jpg")],
+                  "label": ["shoes", "bags", catalog.NONE_OF_THESE, "bags", "shoes"]}).to_csv(tmp_path / "fix.csv", index=False)
+    merged, counts, changes = catalog.merge_sources((str(shop), str(tmp_path / "fix.csv")))
+    labels = dict(zip(merged["path"], merged["label"]))
+    assert labels[str(shop / "bags" / "0.jpg")] == "shoes"  # the later label
+    assert str(shop / "shoes" / "0.jpg") not in labels  # none of these: left out, whatever the catalog said
+    assert labels[str(tmp_path / "new.jpg")] == "bags" and len(merged) == 6  # 6 - 1 left out + 1 added
+    assert counts == [{"source": str(shop), "rows": 6, "relabelled": 0, "added": 6, "left_out": 0},
+                      {"source": str(tmp_path / "fix.csv"), "rows": 5, "relabelled": 1, "added": 1, "left_out": 1}]
+    assert changes == [{"path": str(shop / "bags" / "0.jpg"), "from": "bags", "to": "shoes"}]
+    assert catalog.describe_sources(counts) == (
+        f"training data: {shop} (6 photos), {tmp_path / 'fix.csv'} (5 rows: 1 relabelled, 1 added, 1 left out as "
+        "none of these)")
+    # A class the catalog does not have: one line naming the row and the class, before any photo is read.
+    pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["bags", "hats"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ConfigError, match=r"bad.csv: row 2 \(.*b.jpg\) has class 'hats', which is not one of the "
+                                          r"classes \(bags, shoes\)"):
+        catalog.merge_sources((str(shop), str(tmp_path / "bad.csv")))
+
+
 def test_a_folder_and_a_listing_list_the_same_photos(tmp_path):
     for name in ("bags", "shoes"):
         (tmp_path / "shop" / name / "sub").mkdir(parents=True)

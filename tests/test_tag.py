@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,7 +21,7 @@ from PIL import Image
 from tests.catalog import render, write_broken, write_catalog
 from clf.config import TagConfig
 from clf.errors import ConfigError
-from clf import photos
+from clf import data, photos
 from clf.errors import ClfError
 from clf.tagging.pipeline import COLUMNS, each_input_once, list_inputs
 from tests.console_lines import check_only_ours
@@ -202,7 +204,7 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     proc = run_tag("--checkpoint", str(one_epoch.output / "checkpoint"), "--input", str(folder / "photos"),
                    "--output", str(out), "--tracking-uri", one_epoch.tracking_uri, env={"CLF_PROGRESS_EVERY_S": "0.2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tags.parquet"]  # written by the driver
+    assert sorted(p.name for p in out.iterdir()) == ["review", "review.html", "summary.json", "tags.parquet"]
     # Only our lines: the plan, progress (two blocks of 256 at least), the summary with its 10-row table.
     lines = check_only_ours(proc.stdout + proc.stderr, at_most=30)
     assert any(line.startswith("tagging: ") for line in lines), lines
@@ -234,6 +236,18 @@ def test_tags_a_folder_of_photos_accounting_for_every_file(shop, one_epoch, real
     assert (tagged["tag"] == tagged["top1"]).all() and (tagged["confidence"] == tagged["top1_prob"]).all()
     assert (tagged["top1_prob"] >= tagged["top2_prob"]).all() and (tagged["top2_prob"] >= tagged["top3_prob"]).all()
     assert (tagged["needs_review"] == (tagged["confidence"] < 0.6)).all()
+
+    # The review page's rows: each photo to review, least confident first, with its thumbnail (made in the same
+    # pass), and the files that could not be read, apart (tests/test_review.py opens the page in a browser).
+    review = json.loads((out / "review" / "rows.js").read_text().removeprefix("window.CLF_REVIEW = ").rstrip(";\n"))
+    unsure = tagged[tagged["needs_review"]].sort_values(["confidence", "path"])
+    assert [row[1] for row in review["rows"]] == unsure["path"].tolist() and review["classes"] == list(data.CLASSES)
+    assert [row[3] for row in review["rows"]] == pytest.approx(unsure["confidence"].tolist(), abs=1e-6)
+    assert [row[4] for row in review["rows"]] == unsure["top1"].tolist()
+    assert sorted(p.name for p in (out / "review").iterdir()) == sorted([row[2] for row in review["rows"]] + ["rows.js"])
+    with Image.open(out / "review" / review["rows"][0][2]) as thumbnail:
+        assert max(thumbnail.size) == photos.THUMBNAIL_SIDE
+    assert sorted(Path(path).name for path, _ in review["errors"]) == sorted(broken)
 
     # The summary.
     assert f"tagged {PHOTOS} of {PHOTOS + len(broken)} files" in proc.stdout

@@ -127,7 +127,8 @@ def test_checkpoints_and_outputs_in_a_bucket_and_a_worker_killed_on_the_other_no
     assert "training resumed from the checkpoint after epoch" in log
     # Every output in the bucket, written by the driver; the checkpoints too.
     assert s3.keys(outputs) == sorted([
-        "checkpoint/model.json", "checkpoint/model.pt", "checkpoint/train_state.pt", "confusion_matrix.png",
+        "checkpoint/model.json", "checkpoint/model.onnx", "checkpoint/model.pt", "checkpoint/train_state.pt",
+        "confusion_matrix.png",
         "history.png", "metrics.json", "mistakes.png", "per_class.png", "predictions.parquet", "report.html",
     ])
     assert any(k.startswith("checkpoint_") for k in s3.keys(outputs.replace("/outputs/", "/checkpoints/")))
@@ -210,7 +211,8 @@ def test_tagging_photos_in_a_bucket_with_the_submitted_runs_model_in_the_bucket(
     photos = s3.upload(tmp_path / "photos", f"{bucket}/photos")
     log = submitted(cluster, "jobs/tag.py", "--checkpoint", f"{outputs}/checkpoint", "--input", f"{photos}/",
                     "--output", f"{bucket}/tags", "--batch-size", "16")
-    assert s3.keys(f"{bucket}/tags") == ["summary.json", "tags.parquet"]
+    assert [k for k in s3.keys(f"{bucket}/tags") if not k.startswith("review/")] == [
+        "review.html", "summary.json", "tags.parquet"]
     rows = pd.read_parquet(io.BytesIO(s3.read(f"{bucket}/tags/tags.parquet")))
     assert sorted(rows["path"]) == [f"{photos}/{key}" for key in s3.keys(photos)]  # every file, once
     assert (rows["error"] != "").sum() == 3 and rows["error"].str.contains("file not found").sum() == 0
@@ -234,7 +236,7 @@ def test_tagging_a_listing_of_uris_with_a_checkpoint_on_the_drivers_disk(cluster
     out = tmp_path / "tags"
     log = submitted(cluster, "jobs/tag.py", "--checkpoint", str(untrained), "--input", listing, "--output", str(out),
                     "--format", "csv", "--batch-size", "8")
-    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tags.csv"]  # on the driver's disk
+    assert sorted(p.name for p in out.iterdir()) == ["review", "review.html", "summary.json", "tags.csv"]  # the driver's
     rows = pd.read_csv(out / "tags.csv", keep_default_na=False)
     assert sorted(rows["path"]) == sorted(entries)
     assert rows.loc[rows["path"].str.endswith("gone.jpg"), "error"].tolist() == ["file not found"]

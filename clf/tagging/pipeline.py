@@ -33,12 +33,14 @@ import ray.data
 
 from clf import checkpoint as ckpt
 from clf import console, plan, predictor, runtime, storage, tracking
-from clf.catalog import read_in_blocks, read_listing
+from clf.catalog import read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
 from clf.infer import predict
 from clf.report import provenance, reason_counts, text_table
 from clf.plan import InferPlan
+from clf.tagging.reading import PhotoTagger, read_for_review
+from clf.tagging.review import ReviewPage
 from clf.tagging.rows import COLUMNS, TOP_K, tag_columns
 
 # Written last into the output: an output without it is incomplete.
@@ -133,24 +135,32 @@ def run(cfg: TagConfig) -> TagResult:
         runtime.refuse_unseen(cluster, storage.sample(local), f"--input {cfg.input} (its photos)")
         print(f"tagging {len(paths):,} files from {cfg.input} with {pool.num_actors} predictor actor(s)",
               flush=True)
-        started = time.perf_counter()
-        result = TagResult(cfg.output)
-        parts = staging / ".parts"
-        parts.mkdir()
-        with console.Progress("tagging", len(paths), "files") as progress:
-            tagged = _tag(cfg, pool, paths, model).iter_batches(batch_size=None, batch_format="pandas")
-            for predicted in each_input_once(tagged, len(paths)):
-                rows = to_rows(predicted, model.classes, cfg.review_threshold)
-                if not result.first_batch_files:
-                    result.first_batch_s, result.first_batch_files = time.perf_counter() - started, len(rows)
-                _write_part(parts, rows)
-                result.count(rows)
-                progress.update(len(rows))
-        _join_parts(parts, staging / cfg.tags_name, cfg.format)
-        result.seconds = time.perf_counter() - started
+        result = _tag_all(cfg, pool, paths, model, staging)
         (staging / SUMMARY).write_text(json.dumps(summary_record(result, cfg, model), indent=2) + "\n")
         if uri:
             _track(uri, cfg, model, result, staging / SUMMARY)
+    return result
+
+
+def _tag_all(cfg: TagConfig, pool: InferPlan, paths: list[str], model: ckpt.ModelFiles, staging: Path) -> TagResult:
+    """Every file tagged, its rows written into the tags file in input order, the review page beside it."""
+    started = time.perf_counter()
+    result, review = TagResult(cfg.output), ReviewPage(staging, model.classes)
+    parts = staging / ".parts"
+    parts.mkdir()
+    with console.Progress("tagging", len(paths), "files") as progress:
+        tagged = _tag(cfg, pool, paths, model).iter_batches(batch_size=None, batch_format="pandas")
+        for predicted in each_input_once(tagged, len(paths)):
+            rows = to_rows(predicted, model.classes, cfg.review_threshold)
+            if not result.first_batch_files:
+                result.first_batch_s, result.first_batch_files = time.perf_counter() - started, len(rows)
+            _write_part(parts, rows)
+            review.add(rows, predicted["thumbnail"].to_numpy())
+            result.count(rows)
+            progress.update(len(rows))
+    _join_parts(parts, staging / cfg.tags_name, cfg.format)
+    review.write()
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -169,14 +179,22 @@ def _track(uri: str, cfg: TagConfig, model: ckpt.ModelFiles, result: TagResult, 
 
 
 def _tag(cfg: TagConfig, pool: InferPlan, paths: list[str], model: ckpt.ModelFiles) -> ray.data.Dataset:
-    """The Ray Data job: read and convert each file (on CPUs fused into the predictor actors, their resources
-    being the same; CPU tasks beside GPU actors), then predict. Each block is a run of consecutive inputs
-    (`index`), and stays whole to the end. The rows of tags are made by the driver as blocks arrive: as a
-    task of its own, that cheap step waited for a CPU the actors held, and every block with it."""
+    """The Ray Data job: read and convert each file, predict it, and make thumbnails for the review page
+    (`clf.tagging.reading`: on CPUs in one actor, with GPUs in CPU tasks beside the GPU actors). Each block is a
+    run of consecutive inputs (`index`), and stays whole to the end. The rows of tags are made by the driver as
+    blocks arrive: as a task of its own, that cheap step waited for a CPU the actors held, and every block with
+    it."""
     listing = pd.DataFrame({"index": np.arange(len(paths)), "path": paths})
-    prepared = read_in_blocks(listing, cfg.batch_size, num_cpus=pool.cpus_per_actor or 1)
-    # A batch a block: Ray Data asks GPU actors for a batch size (a block has cfg.batch_size rows, the last fewer).
-    return predict(prepared, model, pool, cfg.batch_size if pool.use_gpu else None, top_k=TOP_K)
+    blocks = ray.data.from_pandas([listing.iloc[i:i + cfg.batch_size] for i in range(0, len(listing), cfg.batch_size)])
+    if pool.use_gpu:
+        read = blocks.map_batches(read_for_review, batch_size=None, batch_format="numpy", num_cpus=1)
+        # A batch a block: Ray Data asks GPU actors for a batch size (a block has cfg.batch_size rows, the last fewer).
+        return predict(read, model, pool, cfg.batch_size, top_k=TOP_K)
+    return blocks.map_batches(
+        PhotoTagger, fn_constructor_kwargs={"model": ray.put(model), "review_threshold": cfg.review_threshold},
+        batch_size=None, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.cpus_per_actor,
+    )
 
 
 def each_input_once(tagged: Iterable[pd.DataFrame], count: int) -> Iterator[pd.DataFrame]:
