@@ -1,6 +1,6 @@
 """Serving under load: requests/s and latency of `jobs/serve.py` (Ray Serve, with its Python proxy and with
-HAProxy) against a plain server (the same conversion and model in one uvicorn + FastAPI process, without Ray
-or batching), all on 127.0.0.1, in one invocation. Figures, not pass/fail.
+HAProxy) against a plain server (the same conversion, predictor and engine, ONNX Runtime, in one uvicorn +
+FastAPI process, without Ray or batching), all on 127.0.0.1, in one invocation. Figures, not pass/fail.
 
     .venv/bin/python benchmarks/serve.py [--clients 1 8 32] [--seconds 15] [--photos 64]
 
@@ -140,7 +140,9 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--servers", nargs="+", default=["plain", "python", "haproxy"],
                    help="which to measure: plain, python (Serve's Python proxy), haproxy")
-    p.add_argument("--serve-flags", default="", help="more flags for jobs/serve.py, e.g. '--max-batch-size 8'")
+    p.add_argument("--serve-flags", default=f"--cpus-per-replica {os.cpu_count()}",
+                   help="flags for jobs/serve.py (default: one replica holding every CPU, as the plain server may use "
+                        "them), e.g. '--max-batch-size 8'")
     args = p.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import posixpath
 import secrets
 import tempfile
@@ -60,8 +59,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
     board = Board(loop_config["board"]) if rank == 0 and loop_config["board"] else None
-    if rank == 0:  # rank 0 exports each checkpoint's ONNX model: the exporter's onnx package imported meanwhile
-        threading.Thread(target=importlib.import_module, args=("onnx",), daemon=True).start()
     images, labels = loop_config["rows"].take(rank, world_size)
     held_out = loop_config["validation"].take(rank, world_size) if loop_config["validation"] else None
     # When this attempt's worker started, entered the loop and held its part (rank 0's; unix seconds).
