@@ -1,5 +1,5 @@
 """Accuracy against training time for candidate settings of the model and its training, in the plain loop
-(`clf.train`, as `benchmarks/plain_torch.py` runs it): each candidate trained for each seed, its test accuracy
+(`clf.loop`, as `benchmarks/plain_torch.py` runs it): each candidate trained for each seed, its test accuracy
 and training seconds (model, optimizer and every epoch), the medians printed per candidate, and its time as a
 ratio of the first candidate's (the shipped defaults, as a rule). Candidates run one after the other in one
 invocation, so their times compare; the CPU model is printed beside them.
@@ -29,7 +29,7 @@ from benchmarks.plain_torch import predict, train  # noqa: E402
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
 from clf.model import FashionCNN  # noqa: E402
-from clf.train import new_model  # noqa: E402
+from clf.loop import new_model  # noqa: E402
 
 SHAPE = {"channels", "hidden", "dropout"}
 
@@ -49,7 +49,7 @@ def main() -> None:
             cfg = dataclasses.replace(TrainConfig(seed=seed), **{k: v for k, v in settings.items() if k not in SHAPE})
             started = time.perf_counter()
             if shape:
-                torch.manual_seed(seed)  # as clf.train.new_model does
+                torch.manual_seed(seed)  # as clf.loop.new_model does
                 model = FashionCNN(num_classes=len(data.CLASSES), **shape)
             else:
                 model = new_model(cfg, len(data.CLASSES))

@@ -5,7 +5,7 @@ invocation, one seed per repeat; the medians are compared with the targets of is
     .venv/bin/python benchmarks/overhead.py [--repeats 3] [--epochs 2] [--tag-images 100000]
 
 - loop per epoch: first batch to last optimizer step of an epoch (`loop_s` of each epoch's record: the same
-  `clf.train.train_epoch` on both sides; report and checkpoint excluded), median over every epoch;
+  `clf.loop.train_epoch` on both sides; report and checkpoint excluded), median over every epoch;
 - fit: Ray's `timings.train_s` (the whole `TorchTrainer.fit()`) against the plain process's training
   (model, optimizer and every epoch);
 - whole: wall seconds of each process, start to exit;

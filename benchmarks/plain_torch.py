@@ -1,5 +1,5 @@
 """The baseline: the same model, batch size, epochs, optimizer, schedule and epoch loop as `jobs/train.py`
-(clf.train's own functions, not a copy), in one plain PyTorch process (no Ray), then prediction over the
+(clf.loop's own functions, not a copy), in one plain PyTorch process (no Ray), then prediction over the
 test set. Prints one JSON line of figures, with the moments of the process (unix seconds) for a side by side
 with the Ray run's phases.
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from clf import data, metrics  # noqa: E402
 from clf.config import TrainConfig  # noqa: E402
-from clf.train import Learner, array_batches, make_learner, new_model, train_epochs  # noqa: E402
+from clf.loop import Learner, array_batches, make_learner, new_model, train_epochs  # noqa: E402
 
 
 def train(cfg: TrainConfig, model: torch.nn.Module, split: data.Split,

@@ -54,11 +54,11 @@ def plain_onnx(files: checkpoint.ModelFiles, images: np.ndarray, batch_size: int
 def with_ray(files: checkpoint.ModelFiles, split: data.Split, cfg: TrainConfig) -> dict:
     """Images/s from the call to the last row (actor start-up included: it is part of every tagging run),
     and, apart, the seconds until the first batch came back and the rate after it."""
-    from clf import plan, runtime
+    from clf import cluster, plan, session
     from clf.infer import predict
 
-    runtime.connect()
-    pool = plan.plan_inference(cfg, runtime.cluster_nodes(), len(split.labels))  # the actors the job would use
+    session.connect()
+    pool = plan.plan_inference(cfg, cluster.cluster_nodes(), len(split.labels))  # the actors the job would use
     started = time.perf_counter()
     tagged = predict(data.to_ray_dataset(split), files, pool, cfg.infer_batch_size)
     count, first = 0, None

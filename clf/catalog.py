@@ -23,7 +23,8 @@ import pandas as pd
 import pyarrow.fs as pafs
 import ray.data
 
-from clf import console, runtime, storage
+from clf import console, storage
+from clf.cluster import refuse_unseen
 from clf.config import TrainConfig
 from clf.data import Blocks, TrainingData
 from clf.plan import Cluster
@@ -123,7 +124,7 @@ class Catalog:
         """The photos are read by tasks on every node: those on the driver's disk must be seen by each (on
         one node, or in a shared NFS folder, they are)."""
         local = [path for path in (storage.local_path(p) for p in self._listed()["path"] if p) if path]
-        runtime.refuse_unseen(cluster, storage.sample(local), f"--train-data {self.source} (its photos)")
+        refuse_unseen(cluster, storage.sample(local), f"--train-data {self.source} (its photos)")
 
     def prepare(self, validation: bool = False) -> TrainingData:
         """Read and convert every photo once, training and evaluation photos (and validation photos, held out

@@ -88,7 +88,7 @@ def main(prog: str, config_class, description: str, job, argv=None) -> int:
 
 def exit_now(code: int) -> None:
     """End a job's process with `code`: a job that got as far as Ray ends the quick way
-    (`clf.runtime.exit_now`), one that stopped before (--help, a usage error) the usual way."""
-    if "clf.runtime" in sys.modules:
-        sys.modules["clf.runtime"].exit_now(code)
+    (`clf.session.exit_now`), one that stopped before (--help, a usage error) the usual way."""
+    if "clf.session" in sys.modules:
+        sys.modules["clf.session"].exit_now(code)
     sys.exit(code)

@@ -3,7 +3,7 @@
 `Progress` is a live tqdm line on a terminal (count, rate, time left); where the output is not a terminal
 (`ray job submit`'s log, CI) it is the same figures as a plain line every PROGRESS_EVERY_S seconds that the
 phase lasts, never a line per batch; either way the phase's own line (read N photos, an epoch's loss, the
-tagging summary) says where it ended. Ray's own console lines are off (`clf.runtime`'s quiet); `--ray-logs`
+tagging summary) says where it ended. Ray's own console lines are off (`clf.session`'s quiet); `--ray-logs`
 keeps them. Ray writes all of it to its log files either way (/tmp/ray/session_latest/logs).
 """
 

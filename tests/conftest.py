@@ -26,7 +26,7 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from clf import data, runtime  # noqa: E402
+from clf import data, session  # noqa: E402
 from tests.helpers import ROOT, imported_torch, listening_addresses  # noqa: E402
 
 # Fixtures that start Ray or a server: a test using one belongs in the slow lane.
@@ -61,9 +61,9 @@ def ray_local():
     the end: only this process's own Ray."""
     import ray
 
-    runtime.loopback_mode()
+    session.loopback_mode()
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(**runtime.local_ray(), num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    ray.init(**session.local_ray(), num_cpus=2, logging_level="ERROR", log_to_driver=False)
     try:
         yield ray
     finally:
@@ -121,7 +121,7 @@ def one_epoch(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "one-epoch"
     tracking_uri = f"sqlite:///{out.parent / 'mlflow.db'}"  # tracked as a user tracks it (tests/test_tracking.py)
-    env = {k: v for k, v in os.environ.items() if k not in runtime.LOOPBACK_ENV and k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in session.LOOPBACK_ENV and k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--epochs", "1", "--output", str(out), "--storage-path",
          str(out.parent / "ray"), "--tracking-uri", tracking_uri],

@@ -40,11 +40,11 @@ def untrained_checkpoint(folder: str) -> None:
 def step_page_faults(malloc: str) -> None:
     """Page faults of 30 steps that each take 32 MiB in 4 MiB blocks from malloc, write them and free them
     (what a training step's activations and gradients do), with glibc's adaptive thresholds or after
-    `clf.train.keep_freed_memory` (which cannot be undone in a process)."""
+    `clf.loop.keep_freed_memory` (which cannot be undone in a process)."""
     import ctypes
     import resource
 
-    from clf.train import keep_freed_memory
+    from clf.loop import keep_freed_memory
 
     if malloc == "kept":
         assert keep_freed_memory()
@@ -65,12 +65,12 @@ def step_page_faults(malloc: str) -> None:
 def refuse_unseen(paths: list[str]) -> None:
     """Join the cluster in RAY_ADDRESS and ask every node to find `paths`; prints "seen everywhere", or the
     refusal."""
-    from clf import runtime
+    from clf import cluster, session
     from clf.errors import ConfigError
 
-    runtime.connect()
+    session.connect()
     try:
-        runtime.refuse_unseen(runtime.cluster_nodes(), paths, "the paths")
+        cluster.refuse_unseen(cluster.cluster_nodes(), paths, "the paths")
         print("seen everywhere")
     except ConfigError as e:
         print(f"refused: {e}")

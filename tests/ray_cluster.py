@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from clf.runtime import LOOPBACK_ENV
+from clf.session import LOOPBACK_ENV
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -16,7 +16,7 @@ def test_report_files_and_page(tmp_path):
     labels = np.array([0, 1, 2, 2, 1, 0])
     predictions = np.array([0, 2, 2, 1, 1, 0])
     scores = metrics.compute(labels, predictions, len(CLASSES))
-    # Records as the training loop writes them (clf.train.train_epochs), with the fields the page shows.
+    # Records as the training loop writes them (clf.loop.train_epochs), with the fields the page shows.
     history = [{"epoch": 1, "loss": 0.9123, "accuracy": 0.6012, "images_per_s": 1234.0, "elapsed_s": 10.25},
                {"epoch": 2, "loss": 0.7456, "accuracy": 0.7034, "images_per_s": 1310.0, "elapsed_s": 20.5}]
     wrong = labels != predictions

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import ray
 
-from clf import checkpoint, data, train
+from clf import checkpoint, data, loop
 from clf.config import TrainConfig
 from clf.errors import CheckpointError
 from clf.plan import TrainPlan
-from clf.train import array_batches, epoch_batches, make_learner, new_model, steps_per_epoch, train_epochs
+from clf.loop import array_batches, epoch_batches, make_learner, new_model, steps_per_epoch, train_epochs
 from clf.trainer import fit
 from tests.helpers import ROOT, real_subset, training_data
 
@@ -41,7 +41,7 @@ def test_step_count_depends_on_the_global_batch_only(world_size):
 
 def test_the_plain_loop_lowers_the_loss_and_keeps_freed_memory(real_data, monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
     split = real_subset(real_data, 2000, seed=0)
     cfg = TrainConfig(epochs=2, batch_size=64)
     learner = make_learner(cfg, new_model(cfg, 10), len(split.labels))

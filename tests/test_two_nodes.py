@@ -245,37 +245,66 @@ def test_tagging_a_listing_of_uris_with_a_checkpoint_on_the_drivers_disk(cluster
 
 
 def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed_and_refuses_changed_photos(cluster, s3, bucket, small_catalog, tmp_path):
+    """Tracked to MLflow all along: the killed run's MLflow run deleted meanwhile, the resumed run tracks a new one
+    (one warning); a refusal after the MLflow run started (a photo that reads otherwise now) ends it FAILED."""
+    from mlflow import MlflowClient
+
     catalog = s3.upload(small_catalog, f"{bucket}/catalog")
-    common = ["--train-data", f"{catalog}/", "--epochs", "3", "--batch-size", "16",
-              "--storage-path", f"{bucket}/checkpoints", "--run-name", "shop"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--train-data", f"{catalog}/", "--epochs", "3", "--batch-size", "16", "--storage-path",
+              f"{bucket}/checkpoints", "--run-name", "shop", "--tracking-uri", uri]
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}
     first_log = tmp_path / "first.log"
     first = start_driver([*common, "--output", str(tmp_path / "first")], first_log, env=env)
     wait_for_checkpoint(f"{bucket}/checkpoints/shop", first, first_log)
     kill_driver(first)
     assert not (tmp_path / "first").exists()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("clf").experiment_id
+    [killed] = client.search_runs([experiment])
+    client.delete_run(killed.info.run_id)  # its checkpoints still name it
 
     second_log = tmp_path / "second.log"
     second = start_driver([*common, "--output", str(tmp_path / "second")], second_log, env=env)
     out = finish(second, second_log)
     assert second.returncode == 0, out[-3000:]
     assert "run shop has a checkpoint after epoch" in out
+    warnings = [line for line in out.splitlines() if "warning" in line]
+    assert len(warnings) == 1, out[-3000:]
+    assert warnings[0].startswith(f"train.py: warning: MLflow run {killed.info.run_id} cannot be continued (")
+    assert warnings[0].endswith("this run is tracked as a new MLflow run")
+    [tracked] = client.search_runs([experiment])
+    assert tracked.info.run_id != killed.info.run_id and tracked.info.status == "FINISHED"
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert tracked.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
     assert metrics["history"][-1]["resumed_from_epoch"] >= 1 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)  # a shard on each node
     assert metrics["classes"] == ["bags", "dresses", "sneakers", "trousers"]
     assert metrics["count"] == 16 and metrics["skipped_files"] == []
     assert all(p.startswith(f"{catalog}/") for p in pd.read_parquet(tmp_path / "second" / "predictions.parquet")["path"])
 
-    # Every photo emptied: the bucket's listing gives other sizes, and the run is refused on them before any
-    # photo is read (read first, the same run would fail on "... of the ... photos cannot be read").
+    # A photo overwritten with as many bytes of nothing: the listing is the same (its sizes too), the photos read
+    # are not. Refused once read, after its MLflow run went on: ended FAILED.
     fs = s3.filesystem()
-    for key in s3.keys(catalog):
-        with fs.open_output_stream(f"{catalog.removeprefix('s3://')}/{key}") as f:
-            f.write(b"")
+    keys = s3.keys(catalog)
+    first_photo = f"{catalog.removeprefix('s3://')}/{keys[0]}"
+    size = fs.get_file_info(first_photo).size
+    with fs.open_output_stream(first_photo) as f:
+        f.write(b"\0" * size)
     third = subprocess.run([sys.executable, TRAIN, *common, "--output", str(tmp_path / "third")], env=env,
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert third.returncode == 2, third.stderr[-3000:]
-    assert "run 'shop'" in third.stderr and "was started on other data" in third.stderr
-    assert "cannot be read" not in third.stderr and "skipped" not in third.stdout
-    assert "Traceback" not in third.stderr and not (tmp_path / "third").exists()
+    assert "was trained on other photos than the ones read now" in third.stderr and "Traceback" not in third.stderr
+    assert client.get_run(tracked.info.run_id).info.status == "FAILED"
+
+    # Every photo emptied: the bucket's listing gives other sizes, and the run is refused on them before any
+    # photo is read (read first, the same run would fail on "... of the ... photos cannot be read").
+    for key in keys:
+        with fs.open_output_stream(f"{catalog.removeprefix('s3://')}/{key}") as f:
+            f.write(b"")
+    fourth = subprocess.run([sys.executable, TRAIN, *common, "--output", str(tmp_path / "fourth")], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert fourth.returncode == 2, fourth.stderr[-3000:]
+    assert "run 'shop'" in fourth.stderr and "was started on other data" in fourth.stderr
+    assert "cannot be read" not in fourth.stderr and "skipped" not in fourth.stdout
+    assert "Traceback" not in fourth.stderr and not (tmp_path / "fourth").exists()

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import ray.data
 
 from clf import checkpoint as ckpt
-from clf import console, plan, predictor, runtime, storage, tracking
+from clf import console, plan, predictor, session, storage, tracking
+from clf.cluster import cluster_nodes, refuse_unseen
 from clf.catalog import read_listing
 from clf.config import TagConfig
 from clf.errors import ClfError, ConfigError, first_line
@@ -128,11 +129,11 @@ def run(cfg: TagConfig) -> TagResult:
     if uri := tracking.tracking_uri(cfg.tracking_uri):
         tracking.connect(uri)  # the tracking store answers, before any work
     with storage.staged_output(cfg.output, last=SUMMARY) as staging:
-        runtime.connect(cfg.ray_logs, cfg.dashboard)
-        cluster = runtime.cluster_nodes()
+        session.connect(cfg.ray_logs, cfg.dashboard)
+        cluster = cluster_nodes()
         pool = plan.plan_tagging(cfg, cluster, len(paths))
         local = [path for path in (storage.local_path(p) for p in paths if p) if path]
-        runtime.refuse_unseen(cluster, storage.sample(local), f"--input {cfg.input} (its photos)")
+        refuse_unseen(cluster, storage.sample(local), f"--input {cfg.input} (its photos)")
         print(f"tagging {len(paths):,} files from {cfg.input} with {pool.num_actors} predictor actor(s)",
               flush=True)
         result = _tag_all(cfg, pool, paths, model, staging)

@@ -7,7 +7,8 @@ import yaml
 from ray.exceptions import ActorDiedError
 from ray.train import ControllerError, WorkerGroupError
 
-from clf import pipeline, runtime, storage
+from clf import cluster as clusters
+from clf import failures, noticeboard, pipeline, storage
 from clf.config import TrainConfig
 from clf.data import TrainingData
 from clf.errors import CheckpointError, ClfError, ConfigError, Interrupted, run_job
@@ -17,28 +18,28 @@ from tests.helpers import ROOT
 
 def test_a_clf_error_in_a_worker_stays_one_line_of_its_kind():
     error = WorkerGroupError("rank 0 failed", {0: CheckpointError("checkpoint x has no model.pt")})
-    failure = runtime.training_failure(error, placed_before=True)
+    failure = failures.training_failure(error, placed_before=True)
     assert type(failure) is CheckpointError
     assert str(failure) == "training failed on worker 0: checkpoint x has no model.pt"
 
 
 def test_a_dead_worker_is_a_known_failure():
     error = WorkerGroupError("rank 1 died", {1: ActorDiedError()})
-    failure = runtime.training_failure(error, placed_before=True)
+    failure = failures.training_failure(error, placed_before=True)
     assert type(failure) is ClfError and str(failure).startswith("training failed: worker 1 died (")
 
 
 def test_a_controller_failure_is_a_known_failure():
-    failure = runtime.training_failure(ControllerError(RuntimeError("placement group could not be created\nmore")),
+    failure = failures.training_failure(ControllerError(RuntimeError("placement group could not be created\nmore")),
                                        placed_before=False)
     assert type(failure) is ClfError and str(failure) == "training failed: placement group could not be created"
 
 
 def test_a_bug_in_a_worker_stays_the_error_it_was():
     error = WorkerGroupError("rank 0 failed", {0: ZeroDivisionError("division by zero")})
-    assert runtime.training_failure(error, placed_before=True) is error
+    assert failures.training_failure(error, placed_before=True) is error
     other = KeyError("x")
-    assert runtime.training_failure(other, placed_before=False) is other
+    assert failures.training_failure(other, placed_before=False) is other
 
 
 def test_run_job_gives_known_failures_one_line_and_lets_bugs_through(capsys):
@@ -87,24 +88,24 @@ def test_an_embedded_ray_ignores_a_launcher_file_left_on_the_machine(ray_local, 
     config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
     launcher = tmp_path / "ray_bootstrap_config.yaml"
     launcher.write_text(yaml.safe_dump(config, sort_keys=False))
-    monkeypatch.setattr(runtime, "LAUNCHER_CONFIG", launcher)
+    monkeypatch.setattr(clusters, "LAUNCHER_CONFIG", launcher)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert runtime.cluster_nodes().groups is None  # this process's own Ray: nothing will grow it
+    assert clusters.cluster_nodes().groups is None  # this process's own Ray: nothing will grow it
     with pytest.raises(ConfigError, match="no GPU"):
-        plan_training(TrainConfig(use_gpu=True), runtime.cluster_nodes())
+        plan_training(TrainConfig(use_gpu=True), clusters.cluster_nodes())
     # Joined to a cluster (as a job on a launcher's head node is), the file says what may be added.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    assert runtime.cluster_nodes().groups == launcher_groups(config)
-    assert NodeGroup(4, 1, 8) in runtime.cluster_nodes().groups
+    assert clusters.cluster_nodes().groups == launcher_groups(config)
+    assert NodeGroup(4, 1, 8) in clusters.cluster_nodes().groups
 
 
 @pytest.mark.slow
 def test_the_noticeboard_carries_a_document_from_a_worker_to_the_driver(ray_local):
-    board = runtime.Noticeboard("test-board")
+    board = noticeboard.Noticeboard("test-board")
 
     @ray_local.remote(num_cpus=0)
     def post(key):
-        runtime.Noticeboard(key).post({"step": [0, 5, 10], "records": [{"epoch": 1}]})
+        noticeboard.Noticeboard(key).post({"step": [0, 5, 10], "records": [{"epoch": 1}]})
 
     assert board.read() is None
     ray_local.get(post.remote("test-board"))
