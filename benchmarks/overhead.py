@@ -45,6 +45,10 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers import with_descendants  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -82,13 +86,8 @@ class PeakMemory:
         self._thread.start()
 
     def _sample(self) -> Counter:
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return Counter()
         shares = Counter()
-        for p in procs:
+        for p in with_descendants(self.pid):
             try:
                 shares[process_name(p)] += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):

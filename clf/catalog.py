@@ -40,11 +40,7 @@ def list_labelled(source: str, flag: str) -> pd.DataFrame:
     """(path, label, size) of every photo: absolute paths or URIs, class names as given by the layout, sizes
     in bytes where the listing gives them without a request per file (a folder in object storage; -1 on a
     local disk and for the entries of a .parquet / .csv listing: the photos' digest takes the sizes read)."""
-    try:
-        place = storage.Place.of(source)
-        kind = place.kind()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{flag} {source} cannot be reached ({first_line(e)})") from None
+    place, kind = storage.locate(source, flag, DataError)
     if kind == pafs.FileType.Directory:
         folders = [i for i in place.fs.get_file_info(pafs.FileSelector(place.path)) if i.type == pafs.FileType.Directory]
         classes = sorted((i for i in folders if not i.base_name.startswith(".")), key=lambda i: i.base_name)
@@ -140,10 +136,10 @@ class Catalog:
         # Rows in a seeded random order: the listing is sorted by class, and a block of one class would make
         # the evaluation's first batches one class each.
         frame = frame.sample(frac=1, random_state=self.seed).reset_index(drop=True)
-        parts = {split: frame[frame["split"] == split] for split in ("train", "validation", "eval")
+        splits = {split: frame[frame["split"] == split] for split in ("train", "validation", "eval")
                  if (frame["split"] == split).any()}
         with console.Progress("reading photos", len(frame), "photos") as progress:
-            read = read_blocks(parts, PHOTOS_PER_BLOCK, progress)
+            read = read_blocks(splits, PHOTOS_PER_BLOCK, progress)
         outcome = pd.concat([pd.DataFrame(o) for split in read for o, _ in read[split]]).set_index("id")
         frame["error"], frame["size"] = frame["id"].map(outcome["error"]), frame["id"].map(outcome["size"])
         skipped = self._check_readable(frame)
@@ -183,17 +179,17 @@ def _images(paths) -> np.ndarray:
     return np.stack([photos.load_file(p) for p in paths]) if len(paths) else np.zeros((0, 28, 28), np.uint8)
 
 
-def read_blocks(parts: dict[str, pd.DataFrame], per_block: int,
+def read_blocks(splits: dict[str, pd.DataFrame], per_block: int,
                 progress: console.Progress) -> dict[str, list[tuple[dict, ray.ObjectRef]]]:
-    """The photos of each part's rows (id, path, label) read and converted, a Ray task to each block of
-    `per_block` consecutive rows of a part, every task submitted at once and spread over the nodes: for each
-    part, its blocks in order, each as what became of its rows (id, error, size: `photos.read_rows`), fetched by
+    """The photos of each split's rows (id, path, label) read and converted, a Ray task to each block of
+    `per_block` consecutive rows of a split, every task submitted at once and spread over the nodes: for each
+    split, its blocks in order, each as what became of its rows (id, error, size: `photos.read_rows`), fetched by
     the driver, and a reference to the Arrow table (id, path, label, image) of the rows that could be read,
     which stays where it was made."""
     read = ray.remote(num_returns=2, num_cpus=1, scheduling_strategy="SPREAD")(photos.read_rows)
     blocks = {split: [read.remote(*(rows[c].to_numpy()[i:i + per_block] for c in ("id", "path", "label")))
                       for i in range(0, len(rows), per_block)]
-              for split, rows in parts.items()}
+              for split, rows in splits.items()}
     waiting = {outcome: (split, i) for split in blocks for i, (outcome, _) in enumerate(blocks[split])}
     outcomes = {split: [None] * len(refs) for split, refs in blocks.items()}
     while waiting:
@@ -272,8 +268,8 @@ def describe_sources(counts: list[dict]) -> str:
     """The sources in one line: "training data: catalog (1,200 photos), corrections.csv (40 rows: 3 relabelled, 2
     added, 1 left out as none of these)"."""
     first, *later = counts
-    parts = [f"{first['source']} ({first['added']:,} photos"
+    said = [f"{first['source']} ({first['added']:,} photos"
              + (f", {first['left_out']:,} left out as none of these)" if first["left_out"] else ")")]
-    parts += [f"{c['source']} ({c['rows']:,} rows: {c['relabelled']:,} relabelled, {c['added']:,} added, "
+    said += [f"{c['source']} ({c['rows']:,} rows: {c['relabelled']:,} relabelled, {c['added']:,} added, "
               f"{c['left_out']:,} left out as none of these)" for c in later]
-    return "training data: " + ", ".join(parts)
+    return "training data: " + ", ".join(said)

@@ -84,6 +84,14 @@ def check_fields(settings) -> None:
             raise SettingError(f.name, problem)
 
 
+# Help texts of the settings several jobs have.
+RAY_LOGS_HELP = ("show Ray's own console lines too (its start, Ray Data's and Ray Train's lines, what Ray's worker "
+                 "processes print); Ray writes them to its log files either way")
+TRACKING_HELP = ("log the run to MLflow: a tracking URI (sqlite:///mlflow.db, http://HOST:5000). Default: "
+                 "$MLFLOW_TRACKING_URI; none: no tracking")
+DASHBOARD_HELP = "start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its own; a cluster's dashboard is the cluster's affair"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(2, help="passes over the training set", check=at_least(1))
@@ -146,14 +154,9 @@ class TrainConfig:
                                             check=at_least(1))
     compare: str | None = setting(None, help="an earlier run's outputs (runs/NAME, or a URI): report.html shows its "
                                              "per-class precision and recall beside this run's", check=a_path)
-    ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
-                                         "lines, what Ray's worker processes print); Ray writes them to its log "
-                                         "files either way")
-    tracking_uri: str | None = setting(None, help="log the run to MLflow: a tracking URI (sqlite:///mlflow.db, "
-                                                  "http://HOST:5000). Default: $MLFLOW_TRACKING_URI; none: no "
-                                                  "tracking", check=a_path)
-    dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
-                                          "own; a cluster's dashboard is the cluster's affair")
+    ray_logs: bool = setting(False, help=RAY_LOGS_HELP)
+    tracking_uri: str | None = setting(None, help=TRACKING_HELP, check=a_path)
+    dashboard: bool = setting(False, help=DASHBOARD_HELP)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train_data", as_paths(self.train_data))
@@ -193,14 +196,9 @@ class TagConfig:
                                                 "get needs_review", check=number_in(0, 1))
     format: str = setting("parquet", help="the tags as one tags.parquet or tags.csv file", check=one_of(*TAG_FORMATS),
                           choices=TAG_FORMATS)
-    ray_logs: bool = setting(False, help="show Ray's own console lines too (its start, Ray Data's and Ray Train's "
-                                         "lines, what Ray's worker processes print); Ray writes them to its log "
-                                         "files either way")
-    tracking_uri: str | None = setting(None, help="log the run to MLflow: a tracking URI (sqlite:///mlflow.db, "
-                                                  "http://HOST:5000). Default: $MLFLOW_TRACKING_URI; none: no "
-                                                  "tracking", check=a_path)
-    dashboard: bool = setting(False, help="start Ray's dashboard (on 127.0.0.1) with the Ray this job starts on its "
-                                          "own; a cluster's dashboard is the cluster's affair")
+    ray_logs: bool = setting(False, help=RAY_LOGS_HELP)
+    tracking_uri: str | None = setting(None, help=TRACKING_HELP, check=a_path)
+    dashboard: bool = setting(False, help=DASHBOARD_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -298,7 +298,7 @@ class Blocks:
     from the row counts, so the same blocks, seed and world size always give the same parts."""
 
     refs: tuple  # ray.ObjectRef of a pyarrow.Table, in order
-    rows: tuple[int, ...]  # rows of each block
+    counts: tuple[int, ...]  # rows of each block
 
     @classmethod
     def put(cls, tables: list) -> Blocks:
@@ -308,10 +308,10 @@ class Blocks:
 
     @property
     def num_rows(self) -> int:
-        return sum(self.rows)
+        return sum(self.counts)
 
     def __add__(self, other: Blocks) -> Blocks:
-        return Blocks(self.refs + other.refs, self.rows + other.rows)
+        return Blocks(self.refs + other.refs, self.counts + other.counts)
 
     def part(self, rank: int, world_size: int) -> list[tuple[int, int, int]]:
         """(block, first row, end row) of rank `rank`'s part: the rows, blocks end to end in order, cut into
@@ -319,7 +319,7 @@ class Blocks:
         total = self.num_rows
         first, end = rank * total // world_size, (rank + 1) * total // world_size
         pieces, offset = [], 0
-        for index, count in enumerate(self.rows):
+        for index, count in enumerate(self.counts):
             start, stop = max(first, offset), min(end, offset + count)
             if start < stop:
                 pieces.append((index, start - offset, stop - offset))

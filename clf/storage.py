@@ -133,6 +133,16 @@ class Place:
         return read_bytes(self.fs, self.path if path is None else path)
 
 
+def locate(location: str, flag: str, error: type[Exception] = ConfigError) -> tuple[Place, pafs.FileType]:
+    """Where a location a flag gives points, and what is there (a folder, a file, nothing); `error` (naming the
+    flag) when it cannot be reached."""
+    try:
+        place = Place.of(location)
+        return place, place.kind()
+    except (OSError, ValueError) as e:
+        raise error(f"{flag} {location} cannot be reached ({first_line(e)})") from None
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     """A whole file. On the local disk, read once (Python's own errors: IsADirectoryError and the like); a
     remote read that fails in a way another try may mend is tried again with backoff before it is raised."""

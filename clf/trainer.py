@@ -61,8 +61,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     classes, num_train = loop_config["classes"], loop_config["num_train"]
     board = ProgressPost(loop_config["board"]) if rank == 0 and loop_config["board"] else None
-    images, labels = loop_config["rows"].take(rank, world_size)
-    held_out = loop_config["validation"].take(rank, world_size) if loop_config["validation"] else None
+    images, labels = loop_config["train_blocks"].take(rank, world_size)
+    validation = loop_config["validation_blocks"]
+    held_out = validation.take(rank, world_size) if validation else None
     # When this attempt's worker started, entered the loop and held its part (rank 0's; unix seconds).
     started = {"process": psutil.Process().create_time(), "train_fn": entered, "shard_in_memory": time.time()}
 
@@ -296,8 +297,8 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str
     loop_config = {
         "mlflow_run_id": mlflow_run_id,
         "board": board,
-        "rows": rows.train,  # references: each rank fetches its own part
-        "validation": rows.validation,
+        "train_blocks": rows.train,  # references: each rank fetches its own part
+        "validation_blocks": rows.validation,
         "config": dataclasses.asdict(cfg),
         "threads": plan.cpus_per_worker,
         "classes": rows.classes,

@@ -26,9 +26,5 @@ def serve(cfg: ServeConfig) -> str:
     return deploy.run(cfg, announce=lambda line: print(line, flush=True))
 
 
-def main(argv=None) -> int:
-    return cli.main("serve.py", ServeConfig, "Serve a trained clothing classifier over HTTP (Ray Serve).", serve, argv)
-
-
 if __name__ == "__main__":
-    cli.exit_now(main())
+    cli.exit_now(cli.main("serve.py", ServeConfig, "Serve a trained clothing classifier over HTTP (Ray Serve).", serve))

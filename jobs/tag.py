@@ -29,10 +29,6 @@ def tag(cfg: TagConfig) -> str:
             f"in {output}/review.html")
 
 
-def main(argv=None) -> int:
-    return cli.main("tag.py", TagConfig, "Tag product photos with a trained clothing classifier (Ray Data batch "
-                    "inference).", tag, argv)
-
-
 if __name__ == "__main__":
-    cli.exit_now(main())
+    cli.exit_now(cli.main("tag.py", TagConfig, "Tag product photos with a trained clothing classifier (Ray Data batch "
+                    "inference).", tag))

@@ -23,10 +23,6 @@ def train(cfg: TrainConfig) -> str:
     return f"outputs in {pipeline.run(cfg).output}: report.html (the run's report), metrics.json, predictions.parquet, checkpoint/"
 
 
-def main(argv=None) -> int:
-    return cli.main("train.py", TrainConfig, "Train the Fashion-MNIST clothing classifier with Ray Train and "
-                    "report test metrics.", train, argv)
-
-
 if __name__ == "__main__":
-    cli.exit_now(main())
+    cli.exit_now(cli.main("train.py", TrainConfig, "Train the Fashion-MNIST clothing classifier with Ray Train and "
+                    "report test metrics.", train))

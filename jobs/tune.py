@@ -27,10 +27,6 @@ def tune(cfg: TuneConfig) -> str:
     return f"{report.text_table(best)}\noutputs in {output}: trials.csv, report.html, metrics.json, checkpoint/"
 
 
-def main(argv=None) -> int:
-    return cli.main("tune.py", TuneConfig, "Search the clothing classifier's training settings with Ray Tune, then "
-                    "train the best.", tune, argv)
-
-
 if __name__ == "__main__":
-    cli.exit_now(main())
+    cli.exit_now(cli.main("tune.py", TuneConfig, "Search the clothing classifier's training settings with Ray Tune, then "
+                    "train the best.", tune))

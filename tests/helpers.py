@@ -80,15 +80,19 @@ def make_dataset_dir(folder: Path, n_train: int = 64, n_test: int = 32, seed: in
     return folder
 
 
-def listening_addresses(pid: int) -> set[tuple[str, str]]:
-    """(process name, local address) of every listening TCP socket of `pid` and its descendants."""
+def with_descendants(pid: int) -> list[psutil.Process]:
+    """The process `pid` and every process below it; none once it is gone."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return set()
+        return []
+
+
+def listening_addresses(pid: int) -> set[tuple[str, str]]:
+    """(process name, local address) of every listening TCP socket of `pid` and its descendants."""
     found = set()
-    for p in procs:
+    for p in with_descendants(pid):
         try:
             found |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -96,16 +96,16 @@ def test_preprocess_is_torchvisions_normalisation_with_the_datas_own_statistics(
 
 
 def test_the_rows_are_dealt_in_equal_runs_each_in_exactly_one_part():
-    blocks = data.Blocks(refs=tuple(range(4)), rows=(5, 0, 7, 3))  # 15 rows; a block may be empty
+    blocks = data.Blocks(refs=tuple(range(4)), counts=(5, 0, 7, 3))  # 15 rows; a block may be empty
     for world_size in (1, 2, 3, 4, 15, 16):
         parts = [blocks.part(rank, world_size) for rank in range(world_size)]
         rows = [[(i, r) for i, start, stop in part for r in range(start, stop)] for part in parts]
         flat = [row for part in rows for row in part]
         assert len(flat) == len(set(flat)) == 15  # every row once
-        assert flat == [(i, r) for i, count in enumerate(blocks.rows) for r in range(count)]  # in block order
+        assert flat == [(i, r) for i, count in enumerate(blocks.counts) for r in range(count)]  # in block order
         assert max(map(len, rows)) - min(map(len, rows)) <= 1  # as equal as whole rows allow
         for part in parts:
-            assert all(0 <= start < stop <= blocks.rows[i] for i, start, stop in part)
+            assert all(0 <= start < stop <= blocks.counts[i] for i, start, stop in part)
     assert blocks.part(1, 2) == [(2, 2, 7), (3, 0, 3)]
 
 

@@ -36,7 +36,7 @@ from clf import console, plan, predictor, session, storage, tracking
 from clf.cluster import cluster_nodes, refuse_unseen
 from clf.catalog import read_listing
 from clf.config import TagConfig
-from clf.errors import ClfError, ConfigError, first_line
+from clf.errors import ClfError, ConfigError
 from clf.infer import predict
 from clf.report import provenance, reason_counts, text_table
 from clf.plan import InferPlan
@@ -91,11 +91,7 @@ def list_inputs(source: str) -> list[str]:
     """The files to tag, as absolute paths or URIs: every file in a folder and below (hidden ones aside), or
     the `path` column of a .parquet or .csv listing (relative entries relative to the listing's folder).
     `source` may itself be a URI (s3://bucket/photos/)."""
-    try:
-        place = storage.Place.of(source)
-        kind = place.kind()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--input {source} cannot be reached ({first_line(e)})") from None
+    place, kind = storage.locate(source, "--input")
     if kind == pafs.FileType.Directory:
         files = [place.location(path) for path, _ in place.files()]
         if not files:
