@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -127,6 +128,15 @@ def one_epoch(tmp_path_factory):
          str(out.parent / "ray"), "--tracking-uri", tracking_uri],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    seen = {"stdout": [], "stderr": []}  # (when it came, in seconds of time.monotonic(), the line)
+
+    def read(stream, lines):
+        for line in stream:
+            lines.append((time.monotonic(), line))
+
+    readers = [threading.Thread(target=read, args=(getattr(proc, name), lines), daemon=True) for name, lines in seen.items()]
+    for reader in readers:
+        reader.start()
     listening, started, names, predictors = set(), {}, set(), {}
     polls = 0
     while proc.poll() is None:
@@ -142,12 +152,14 @@ def one_epoch(tmp_path_factory):
         except psutil.NoSuchProcess:
             pass
         time.sleep(0.2)
-    stdout, stderr = proc.communicate()
+    for reader in readers:
+        reader.join()
+    stdout, stderr = ("".join(line for _, line in seen[name]) for name in ("stdout", "stderr"))
     assert proc.returncode == 0, stderr[-3000:]
     time.sleep(1)
     left = [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     return SimpleNamespace(output=out, stdout=stdout, stderr=stderr, listening=listening, left_running=left, names=names,
-                           tracking_uri=tracking_uri, predictors=predictors,
+                           tracking_uri=tracking_uri, predictors=predictors, lines=seen["stdout"],
                            metrics=json.loads((out / "metrics.json").read_text()))
 
 

@@ -2,7 +2,7 @@
 
     python -m tests.programs predict-without-ray CHECKPOINT IMAGES.npy
     python -m tests.programs untrained-checkpoint FOLDER
-    python -m tests.programs step-page-faults {adaptive,kept}
+    python -m tests.programs step-page-faults {adaptive,kept,after-the-loop}
     python -m tests.programs refuse-unseen PATH...
 """
 
@@ -48,6 +48,16 @@ def step_page_faults(malloc: str) -> None:
 
     if malloc == "kept":
         assert keep_freed_memory()
+    if malloc == "after-the-loop":  # a short training loop, as a worker runs it (which should keep it too)
+        import numpy as np
+
+        from clf.config import TrainConfig
+        from clf.loop import array_batches, make_learner, new_model, train_epochs
+
+        cfg = TrainConfig(epochs=1, batch_size=32)
+        images, labels = np.zeros((64, 28, 28), np.uint8), np.arange(64) % 10
+        learner = make_learner(cfg, new_model(cfg, 10), 64)
+        train_epochs(learner, lambda epoch: array_batches(images, labels, epoch, cfg, 64), cfg)
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -85,7 +95,7 @@ def main() -> None:
     untrained = commands.add_parser("untrained-checkpoint")
     untrained.add_argument("folder")
     faults = commands.add_parser("step-page-faults")
-    faults.add_argument("malloc", choices=["adaptive", "kept"])
+    faults.add_argument("malloc", choices=["adaptive", "kept", "after-the-loop"])
     unseen = commands.add_parser("refuse-unseen")
     unseen.add_argument("paths", nargs="+")
     args = p.parse_args()

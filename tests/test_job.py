@@ -75,16 +75,22 @@ def test_metrics_json_equals_a_recomputation_from_predictions(one_epoch, real_da
 
 def test_every_second_of_training_is_on_the_record(one_epoch):
     metrics = one_epoch.metrics
-    timings, line, record = metrics["timings"], metrics["training_timeline"], metrics["history"][0]
+    timings, line = metrics["timings"], metrics["training_timeline"]
     assert {"load_data_s", "ray_start_s", "train_s", "train_start_s", "train_end_s", "inference_s", "total_s"} <= set(timings)
     order = ["process", "train_fn", "shard_in_memory", "first_step", "last_step", "last_report_returned", "fit_returned"]
     assert [line[k] for k in order] == sorted(line[k] for k in order), line
-    # The phases add up: start-up to the first step, the loop, the end; fit() is all three.
-    assert timings["train_start_s"] == line["first_step"] and timings["train_end_s"] > 0
-    loop = line["last_step"] - line["first_step"]
-    assert timings["train_start_s"] + loop + timings["train_end_s"] == pytest.approx(timings["train_s"], abs=0.05)
-    assert loop == pytest.approx(record["loop_s"], abs=0.5)  # the loop as the worker timed it
-    assert record["started"]["process"] == pytest.approx(line["fit_called_at"] + line["process"], abs=1e-3)
+    assert metrics["history"][0]["started"]["process"] == pytest.approx(line["fit_called_at"] + line["process"], abs=1e-3)
+
+    # The record against what the console showed, as the lines came: "training on" is said as fit() is called,
+    # the epoch's line once its report is in (the driver reads the board every 0.5 s), the accuracy once
+    # evaluated and written.
+    def when(start: str) -> float:
+        return next(at for at, text in one_epoch.lines if text.startswith(start))
+
+    training, epoch, accuracy = when("training on "), when("epoch 1/1: loss"), when("accuracy ")
+    assert line["last_report_returned"] - 0.2 <= epoch - training <= line["last_report_returned"] + 1.5
+    evaluated = timings["inference_s"] + timings["write_s"]
+    assert evaluated - 0.2 <= accuracy - epoch <= evaluated + (line["fit_returned"] - line["last_report_returned"]) + 1.5
 
 
 def test_outputs_are_complete_and_nothing_half_written_remains(one_epoch):
