@@ -77,6 +77,9 @@ def write_broken(folder: Path) -> dict[str, str]:
 # margins around it), JPEG.
 LARGE = {"scales": (26, 28), "kinds": ("jpg",)}
 
+# Photos a class in the catalog tests' shop (tests/conftest.py).
+PER_CLASS = 150
+
 # A store's own classes for the catalog tests: four well-separated Fashion-MNIST classes, under its names.
 STORE_CLASSES = {"bags": 8, "dresses": 3, "sneakers": 7, "trousers": 1}
 

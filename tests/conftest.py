@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 # Ray >= 2.59 turns token auth on for new local clusters unless told; the in-process clusters of these
@@ -31,7 +32,7 @@ from clf import data, session  # noqa: E402
 from tests.helpers import ROOT, imported_torch, listening_addresses  # noqa: E402
 
 # Fixtures that start Ray or a server: a test using one belongs in the slow lane.
-SLOW_FIXTURES = {"ray_local", "s3", "one_epoch", "cluster", "two_nodes", "served", "endpoint"}
+SLOW_FIXTURES = {"ray_local", "s3", "one_epoch", "cluster", "two_nodes", "served", "endpoint", "folder_run"}
 # Where a fast test's subprocesses find "their cluster": nothing listens on the discard port.
 NOWHERE = "127.0.0.1:9"
 
@@ -168,6 +169,38 @@ def _name(process) -> str:
         return process.name()
     except Exception:  # noqa: BLE001 - gone before it was named
         return ""
+
+
+@pytest.fixture(scope="session")
+def shop(real_data, tmp_path_factory):
+    """The catalog folder (PER_CLASS photos a class, broken files among them), a Parquet listing of the same
+    files with relative paths, and new photos of the same classes to tag."""
+    from tests.catalog import PER_CLASS, write_broken_into_classes, write_labelled_catalog
+
+    root = tmp_path_factory.mktemp("shop")
+    test = real_data.test
+    write_labelled_catalog(root / "catalog", test.images, test.labels, PER_CLASS)
+    broken = write_broken_into_classes(root / "catalog")
+    rows = [(str(p.relative_to(root)), p.parent.name) for p in sorted((root / "catalog").rglob("*")) if p.is_file()]
+    pd.DataFrame(rows, columns=["path", "label"]).sample(frac=1, random_state=1).to_parquet(root / "listing.parquet")
+    new = write_labelled_catalog(root / "new", test.images, test.labels, 10, seed=7, skip=PER_CLASS)
+    return root, broken, new
+
+
+@pytest.fixture(scope="session")
+def folder_run(shop, tmp_path_factory):
+    """jobs/train.py on the shop's catalog folder (3 epochs): its outputs and its console. Shared by the catalog's
+    tests and the review page's (its model tags the catalog, its metrics are the earlier run's)."""
+    root, _, _ = shop
+    out = tmp_path_factory.mktemp("runs") / "folder"
+    # A progress line every 0.2 s where the output is not a terminal (as here), not every 10: the phases of
+    # this small run take seconds.
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--train-data", str(root / "catalog"),
+                           "--epochs", "3", "--batch-size", "32", "--output", str(out), "--storage-path",
+                           str(out.parent / "storage")], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "CLF_PROGRESS_EVERY_S": "0.2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,12 @@ from clf.config import TrainConfig
 from clf.errors import ConfigError
 from clf.plan import TrainPlan
 from clf.trainer import fit
-from tests.catalog import STORE_CLASSES, write_broken_into_classes, write_labelled_catalog
+from tests.catalog import PER_CLASS, STORE_CLASSES
 from tests.console_lines import EPOCH, check_only_ours
 from tests.helpers import ROOT
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 TAG = str(ROOT / "jobs" / "tag.py")
-PER_CLASS = 150
 
 
 def listing(pairs: list[tuple[str, str]]) -> pd.DataFrame:
@@ -109,35 +108,9 @@ def test_uris_are_listed_and_read_like_paths(tmp_path, real_data):
 # --- The real thing ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shop(real_data, tmp_path_factory):
-    """The catalog folder (PER_CLASS photos a class, broken files among them), a Parquet listing of the same
-    files with relative paths, and new photos of the same classes to tag."""
-    root = tmp_path_factory.mktemp("shop")
-    test = real_data.test
-    write_labelled_catalog(root / "catalog", test.images, test.labels, PER_CLASS)
-    broken = write_broken_into_classes(root / "catalog")
-    rows = [(str(p.relative_to(root)), p.parent.name) for p in sorted((root / "catalog").rglob("*")) if p.is_file()]
-    pd.DataFrame(rows, columns=["path", "label"]).sample(frac=1, random_state=1).to_parquet(root / "listing.parquet")
-    new = write_labelled_catalog(root / "new", test.images, test.labels, 10, seed=7, skip=PER_CLASS)
-    return root, broken, new
-
-
 def train_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def folder_run(shop, tmp_path_factory):
-    root, _, _ = shop
-    out = tmp_path_factory.mktemp("runs") / "folder"
-    # A progress line every 0.2 s where the output is not a terminal (as here), not every 10: the phases of
-    # this small run take seconds.
-    proc = train_cli("--train-data", str(root / "catalog"), "--epochs", "3", "--batch-size", "32", "--output", str(out),
-                     "--storage-path", str(out.parent / "storage"), env={"CLF_PROGRESS_EVERY_S": "0.2"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

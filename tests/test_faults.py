@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def subset(real_data):
-    return training_data(real_subset(real_data, 8000, seed=1))
+    return training_data(real_subset(real_data, 4000, seed=1))
 
 
 ONE_WORKER = TrainPlan(num_workers=1, min_workers=1, cpus_per_worker=2, use_gpu=False)

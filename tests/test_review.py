@@ -81,20 +81,20 @@ def job(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_answers_given_in_the_page_become_the_next_trainings_labels(browser, small_catalog, tmp_path):
+def test_answers_given_in_the_page_become_the_next_trainings_labels(browser, shop, folder_run, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
-    first, tags, second = tmp_path / "first", tmp_path / "tags", tmp_path / "second"
-    storage = ["--storage-path", str(tmp_path / "ray")]
-    job("jobs/train.py", "--train-data", str(small_catalog), "--epochs", "1", "--batch-size", "32", "--output",
-        str(first), *storage)
+    root, _, _ = shop
+    catalog, (first, _) = root / "catalog", folder_run  # a store's catalog, and the run trained on it
+    tags, second = tmp_path / "tags", tmp_path / "second"
     # Every photo reviewed: a threshold no confidence reaches.
-    job("jobs/tag.py", "--checkpoint", str(first), "--input", str(small_catalog), "--output", str(tags),
+    job("jobs/tag.py", "--checkpoint", str(first), "--input", str(catalog), "--output", str(tags),
         "--review-threshold", "1")
     classes = json.loads((first / "metrics.json").read_text())["classes"]
 
     browser.get((tags / "review.html").as_uri())
-    total = len(pd.read_parquet(tags / "tags.parquet"))
+    rows = pd.read_parquet(tags / "tags.parquet")
+    total = int((rows["error"] == "").sum())  # the photos to review; those that cannot be read are listed apart
     assert reviewed(browser) == f"0 of {total}"
     answered = {}
     for _ in range(3):  # the current row: a class other than its catalog folder's, by its digit
@@ -119,9 +119,10 @@ def test_answers_given_in_the_page_become_the_next_trainings_labels(browser, sma
     exported = pd.read_csv(corrections, keep_default_na=False)
     assert dict(zip(exported["path"], exported["label"])) == answered
 
-    out = job("jobs/train.py", "--train-data", str(small_catalog), "--train-data", str(corrections), "--epochs", "1",
-              "--batch-size", "32", "--compare", str(first), "--output", str(second), *storage)
-    assert (f"training data: {small_catalog} ({total} photos), {corrections} (3 rows: 3 relabelled, 0 added, "
+    out = job("jobs/train.py", "--train-data", str(catalog), "--train-data", str(corrections), "--epochs", "1",
+              "--batch-size", "32", "--compare", str(first), "--output", str(second), "--storage-path",
+              str(tmp_path / "ray"))
+    assert (f"training data: {catalog} ({len(rows)} photos), {corrections} (3 rows: 3 relabelled, 0 added, "
             "0 left out as none of these)") in out.stdout
     metrics = json.loads((second / "metrics.json").read_text())
     assert [s["relabelled"] for s in metrics["sources"]] == [0, 3]

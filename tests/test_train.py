@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 
-from clf import checkpoint, data, loop
+from clf import checkpoint, data
 from clf.config import TrainConfig
 from clf.errors import CheckpointError
 from clf.plan import TrainPlan
@@ -68,8 +68,8 @@ def test_kept_freed_memory_spares_the_page_faults_of_refilling_it():
 
 @pytest.fixture(scope="module")
 def small_train(real_data):
-    """4,000 real training images: enough for the loss to fall within two short epochs."""
-    return training_data(real_subset(real_data, 4000, seed=0))
+    """2,500 real training images: enough for the loss to fall within two short epochs."""
+    return training_data(real_subset(real_data, 2500, seed=0))
 
 
 def run_fit(training, tmp_path, name, workers=1, **overrides):
@@ -93,7 +93,7 @@ def test_two_workers_train_the_model_one_worker_trains_and_keep_their_weights_eq
         assert [r["epoch"] for r in fitted.history] == [1, 2, 3]  # every epoch, though Ray keeps 2 checkpoints
         record = fitted.history[-1]
         assert record["workers"] == workers and len(record["nodes"]) == workers
-        assert sum(record["rows"]) == 4000 and max(record["rows"]) - min(record["rows"]) <= 1  # every row, dealt
+        assert sum(record["rows"]) == 2500 and max(record["rows"]) - min(record["rows"]) <= 1  # every row, dealt
         assert len(set(record["weights"])) == 1  # DDP: the ranks end every epoch with the same weights
     assert len([p for p in (tmp_path / "one").glob("checkpoint_*") if p.is_dir()]) == 2
     # Two workers on the same data learn what one learns: the same loss curve within a little (their batches

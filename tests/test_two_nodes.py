@@ -251,7 +251,7 @@ def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed_and_re
 
     catalog = s3.upload(small_catalog, f"{bucket}/catalog")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["--train-data", f"{catalog}/", "--epochs", "3", "--batch-size", "16", "--storage-path",
+    common = ["--train-data", f"{catalog}/", "--epochs", "2", "--batch-size", "16", "--storage-path",
               f"{bucket}/checkpoints", "--run-name", "shop", "--tracking-uri", uri]
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}
     first_log = tmp_path / "first.log"
@@ -277,7 +277,7 @@ def test_a_catalog_in_a_bucket_resumes_by_name_after_the_driver_is_killed_and_re
     assert tracked.info.run_id != killed.info.run_id and tracked.info.status == "FINISHED"
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
     assert tracked.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
-    assert metrics["history"][-1]["resumed_from_epoch"] >= 1 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert metrics["history"][-1]["resumed_from_epoch"] >= 1 and [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert set(metrics["placement"]["training_workers"]) == node_ids(cluster)  # a shard on each node
     assert metrics["classes"] == ["bags", "dresses", "sneakers", "trousers"]
     assert metrics["count"] == 16 and metrics["skipped_files"] == []
