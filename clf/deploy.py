@@ -82,8 +82,7 @@ def _deploy(cfg: ServeConfig, replicas: plan.ServePlan, placement_timeout_s: flo
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=serve_logging(cfg.ray_logs))
     existed = serving.APP_NAME in serve.status().applications
     started, deployed_at = time.monotonic(), time.time()
-    apply_application(serving.application(cfg, job_runtime_env(), deploying=True),
-                                    logging_config=serve_logging(cfg.ray_logs))
+    apply_application(serving.application(cfg, job_runtime_env(), deploying=True), serve_logging(cfg.ray_logs))
     while True:
         status = serve.status().applications.get(serving.APP_NAME)
         current = status is not None and status.last_deployed_time_s >= deployed_at - 1
@@ -99,7 +98,7 @@ def _deploy(cfg: ServeConfig, replicas: plan.ServePlan, placement_timeout_s: flo
             said = status and " ".join(d.message for d in status.deployments.values() if d.message)
             raise ConfigError(
                 f"the application's replicas were not running after {waited:.0f} s: each asks for {replicas.describe()}; "
-                f"the cluster has {cluster_nodes().describe_free()}"
+                f"the cluster has {cluster_nodes().describe()}, {cluster_nodes().describe_free()}"
                 + (f" (Serve: {first_line(said)})" if said else "")
             )
         time.sleep(0.5)

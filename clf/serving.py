@@ -1,6 +1,6 @@
 """Tagging online: the trained model behind HTTP with Ray Serve, from the same checkpoint forms as `jobs/tag.py`,
 with the same photo conversion (`clf.photos`), predictor (`clf.predictor.Predictor`) and rows
-(`clf.tagging.pipeline.tag_columns`): a photo's answer is its row of tags.parquet.
+(`clf.tagging.rows.tag_columns`): a photo's answer is its row of tags.parquet.
 
     POST /tag      one photo as the body -> its row, and `model`
                    several photos as multipart/form-data (any field names) -> their rows, in the order sent
@@ -133,7 +133,6 @@ def _error_row(error: str, model: Model) -> dict:
     return _records(_frame(columns))[0] | {"model": model.name}
 
 
-
 # --- The deployment: a replica's routes ---------------------------------------------------------------------
 
 # Serve pickles the class with its routes as it is decorated: whatever its methods use is defined above it.
@@ -252,7 +251,6 @@ class Tagger:
         frame = _frame(tag_columns(out["top_classes"], out["top_probs"], np.full(len(images), ""), model.classes,
                                    model.review_threshold))
         return [row | {"model": model.name} for row in _records(frame)]
-
 
 
 # --- The application: what a deploy sends ---------------------------------------------------------------------

@@ -1,15 +1,17 @@
-"""Tag a catalog: photo files in, one row per file out, with the same predictor as test-set evaluation.
+"""Tag a catalog: photo files in, one row per file out, with the same predictor as test-set evaluation, and the
+review page of the photos the model is unsure of.
 
 Pipeline (Ray Data): the list of files -> read and decode each photo into the model's 28x28 domain
-(`clf.photos`), catching what is wrong with a file as that row's `error` -> `clf.infer.Predictor` over an
-actor pool -> rows of tags. Ray Data's own readers (`read_images`, `read_binary_files`) fail the
-whole dataset on one unreadable file and drop nothing silently only by failing; here every file gets its
-row, a bad one with the reason. The model reaches the predictor actors through Ray's object store (the
-driver reads the checkpoint once, from its disk or a URI). The driver collects the rows (no images: a few
-short columns) batch by batch in input order, checks that each input has exactly one, and appends them
-to one file, then writes summary.json, in a staging folder that becomes --output when complete: renamed into place on the
-driver's disk, or uploaded to a bucket with summary.json last (a Ray Data writer would write from whichever
-node Ray picks, onto a disk the user may never see).
+(`clf.photos`), catching what is wrong with a file as that row's `error` -> `clf.predictor.Predictor` -> a
+thumbnail of each photo to review (`clf.tagging.reading`, one pass) -> rows of tags. Ray Data's own readers
+(`read_images`, `read_binary_files`) fail the whole dataset on one unreadable file and drop nothing silently only
+by failing; here every file gets its row, a bad one with the reason. The model reaches the predictor actors
+through Ray's object store (the driver reads the checkpoint once, from its disk or a URI). The driver collects the
+rows (no images: a few short columns, and the thumbnails of the photos to review) batch by batch, checks that each
+input has exactly one, writes them in input order into one file, then review.html (`clf.tagging.review`) and
+summary.json, in a staging folder that becomes --output when complete: renamed into place on the driver's disk,
+or uploaded to a bucket with summary.json last (a Ray Data writer would write from whichever node Ray picks, onto
+a disk the user may never see).
 """
 
 from __future__ import annotations
