@@ -96,9 +96,10 @@ def _deploy(cfg: ServeConfig, replicas: plan.ServePlan, placement_timeout_s: flo
             if not existed:
                 serve.delete(serving.APP_NAME, _blocking=False)
             said = status and " ".join(d.message for d in status.deployments.values() if d.message)
+            now = cluster_nodes()
             raise ConfigError(
                 f"the application's replicas were not running after {waited:.0f} s: each asks for {replicas.describe()}; "
-                f"the cluster has {cluster_nodes().describe()}, {cluster_nodes().describe_free()}"
+                f"the cluster has {now.describe()}, {now.describe_free()}"
                 + (f" (Serve: {first_line(said)})" if said else "")
             )
         time.sleep(0.5)
@@ -159,7 +160,6 @@ def apply_application(app: dict, logging_config) -> None:
         proxy_location=details["proxy_location"], http_options=details["http_options"],
         applications=[*others, app | {"logging_config": logging_config}],
     ))
-
 
 
 def _check_port_free(host: str, port: int) -> None:
