@@ -118,7 +118,7 @@ class TrialCallback(Callback):
         print(f"trial {trial_number(trial.trial_id)}/{self.total}: epoch {result['epoch']}/{self.epochs}, "
               f"validation accuracy {result[METRIC]:.4f}", flush=True)
         if child := TRACKING["trials"].get(trial.trial_id):
-            child.metrics(tracking.epoch_metrics(result), step=result["epoch"])
+            child.epoch(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ray_train.remove_placement_groups(trial_prefix(self.name, trial.trial_id))

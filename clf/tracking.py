@@ -40,8 +40,9 @@ class Tracker:
     """One MLflow run, written by this process. Every call after the start is allowed to fail: the first
     failure is a warning on stderr, and the tracker stops trying."""
 
-    def __init__(self, client, run_id: str, prog: str, uri: str):
+    def __init__(self, client, run_id: str, prog: str, uri: str, epochs_logged: frozenset = frozenset()):
         self.client, self.run_id, self.prog, self.uri, self.working = client, run_id, prog, uri, True
+        self.epochs_logged = set(epochs_logged)
 
     @classmethod
     def start(cls, uri: str, prog: str, name: str, run_id: str | None = None, tags: dict | None = None) -> Tracker:
@@ -52,7 +53,8 @@ class Tracker:
         if run_id is not None:
             try:
                 client.update_run(run_id, status="RUNNING")
-                return cls(client, run_id, prog, uri)
+                logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+                return cls(client, run_id, prog, uri, frozenset(logged))
             except Exception as e:  # noqa: BLE001 - deleted, or kept in another store: never a reason to stop a resume
                 print(f"{prog}: warning: MLflow run {run_id} cannot be continued ({first_line(e)}); this run is "
                       "tracked as a new MLflow run", file=sys.stderr, flush=True)
@@ -99,6 +101,14 @@ class Tracker:
         at = int(time.time() * 1000)
         self._do("metrics", lambda: self.client.log_batch(
             self.run_id, metrics=[Metric(metric_key(k), float(v), at, step or 0) for k, v in values.items()]))
+
+    def epoch(self, record: dict) -> None:
+        """An epoch's record, at its step, once: a start stopped by Ctrl-C after an epoch was reported but before
+        Ray Train registered its checkpoint trains that epoch again when it resumes, and MLflow cannot take a
+        logged value back; the first values stay (the same values, where training is deterministic)."""
+        if record["epoch"] not in self.epochs_logged:
+            self.epochs_logged.add(record["epoch"])
+            self.metrics(epoch_metrics(record), step=record["epoch"])
 
     def artifacts(self, folder: Path) -> None:
         """Every file in `folder` and below."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 
 from clf import checkpoint as ckpt
-from clf import failures, ray_train, session, storage, tracking
+from clf import failures, ray_train, session, storage
 from clf.cluster import refuse_unseen
 from clf.config import TrainConfig
 from clf.data import TrainingData, TrainingRows
@@ -244,8 +244,7 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     had its last report returned, and to when fit() returned."""
     called = time.time()
     board_key = f"{cfg.run_name}-{secrets.token_hex(4)}"
-    on_epoch = (lambda record: tracker.metrics(tracking.epoch_metrics(record), step=record["epoch"])) if tracker else None
-    display = ProgressDisplay(board_key, cfg.epochs, data.num_train, data.unit, on_epoch).start()
+    display = ProgressDisplay(board_key, cfg.epochs, data.num_train, data.unit, tracker and tracker.epoch).start()
     with ray_train.ctrl_c_kept():
         try:
             result = _trainer(cfg, plan, data.rows, listing or data.identity, board_key,

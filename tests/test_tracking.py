@@ -113,3 +113,21 @@ def test_a_resumed_run_whose_mlflow_run_is_gone_is_tracked_as_a_new_one_with_one
     assert again.run_id != first.run_id
     run = MlflowClient(uri).get_run(again.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}
+
+
+def test_an_epoch_trained_again_after_ctrl_c_is_logged_at_its_step_once(tmp_path):
+    """Ctrl-C after epoch 2 was reported, before Ray Train registered its checkpoint: the run resumes from epoch 1
+    and trains epoch 2 again. Its step keeps one value (the first), and epoch 3 is logged as any other."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tracking.Tracker.start(uri, "train.py", "nightly")
+    for epoch, loss in ((1, 0.9), (2, 0.7)):
+        first.epoch({"epoch": epoch, "loss": loss, "accuracy": 0.5})
+    first.end("KILLED")
+    again = tracking.Tracker.start(uri, "train.py", "nightly", run_id=first.run_id)
+    for epoch, loss in ((2, 0.7), (3, 0.6)):
+        again.epoch({"epoch": epoch, "loss": loss, "accuracy": 0.6})
+    again.end()
+    history = MlflowClient(uri).get_metric_history(first.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.9), (2, 0.7), (3, 0.6)]
+    accuracy = MlflowClient(uri).get_metric_history(first.run_id, "train_accuracy")
+    assert sorted((m.step, m.value) for m in accuracy) == [(1, 0.5), (2, 0.5), (3, 0.6)]
