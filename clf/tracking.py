@@ -40,9 +40,9 @@ class Tracker:
     """One MLflow run, written by this process. Every call after the start is allowed to fail: the first
     failure is a warning on stderr, and the tracker stops trying."""
 
-    def __init__(self, client, run_id: str, prog: str, uri: str, epochs_logged: frozenset = frozenset()):
+    def __init__(self, client, run_id: str, prog: str, uri: str, epochs_logged: set[int] | None = None):
         self.client, self.run_id, self.prog, self.uri, self.working = client, run_id, prog, uri, True
-        self.epochs_logged = set(epochs_logged)
+        self.epochs_logged = epochs_logged or set()
 
     @classmethod
     def start(cls, uri: str, prog: str, name: str, run_id: str | None = None, tags: dict | None = None) -> Tracker:
@@ -54,7 +54,7 @@ class Tracker:
             try:
                 client.update_run(run_id, status="RUNNING")
                 logged = {m.step for m in client.get_metric_history(run_id, "loss")}
-                return cls(client, run_id, prog, uri, frozenset(logged))
+                return cls(client, run_id, prog, uri, logged)
             except Exception as e:  # noqa: BLE001 - deleted, or kept in another store: never a reason to stop a resume
                 print(f"{prog}: warning: MLflow run {run_id} cannot be continued ({first_line(e)}); this run is "
                       "tracked as a new MLflow run", file=sys.stderr, flush=True)

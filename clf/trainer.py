@@ -244,7 +244,8 @@ def fit(cfg: TrainConfig, plan: TrainPlan, data: TrainingData, listing: str | No
     had its last report returned, and to when fit() returned."""
     called = time.time()
     board_key = f"{cfg.run_name}-{secrets.token_hex(4)}"
-    display = ProgressDisplay(board_key, cfg.epochs, data.num_train, data.unit, tracker and tracker.epoch).start()
+    display = ProgressDisplay(board_key, cfg.epochs, data.num_train, data.unit,
+                              tracker.epoch if tracker else None).start()
     with ray_train.ctrl_c_kept():
         try:
             result = _trainer(cfg, plan, data.rows, listing or data.identity, board_key,
