@@ -17,7 +17,7 @@ def training_failure(error: Exception, placed_before: bool, asked: str = "the wo
     from ray.train import ControllerError, WorkerGroupError
 
     from clf.cluster import cluster_nodes
-    from clf.plan import PLACEMENT_WAITS
+    from clf.plan import placement_tries
 
     if isinstance(error, ControllerError):
         failure = error.controller_failure
@@ -25,11 +25,11 @@ def training_failure(error: Exception, placed_before: bool, asked: str = "the wo
         if ray_private.is_startup_timeout(failure) and placed_before:
             return ClfError(
                 f"training failed: after a failure, {failure.num_workers} workers could not be placed again "
-                f"in {PLACEMENT_WAITS + 1} tries (a node lost for good?); with --min-workers a run goes on "
+                f"in {placement_tries()} tries (a node lost for good?); with --min-workers a run goes on "
                 "with the workers that fit"
             )
         if ray_private.is_startup_timeout(failure):
-            return ClfError(f"training failed: {asked} could not be placed in {PLACEMENT_WAITS + 1} tries; the "
+            return ClfError(f"training failed: {asked} could not be placed in {placement_tries()} tries; the "
                             f"cluster has {cluster_nodes().describe_free()}")
         return ClfError(f"training failed: {first_line(failure)}")
     if isinstance(error, WorkerGroupError):

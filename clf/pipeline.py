@@ -22,7 +22,7 @@ import pandas as pd
 from clf import catalog, data, plan, report, session, storage, tracking
 from clf import checkpoint as ckpt
 from clf.config import TrainConfig
-from clf.plan import PLACEMENT_WAITS, Cluster, InferPlan, TrainPlan
+from clf.plan import Cluster, InferPlan, TrainPlan, placement_tries
 from clf.cluster import cluster_nodes
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ def _begin(cfg: TrainConfig, clock: Stopwatch, source, tracking_parent: str | No
         if uri := tracking.tracking_uri(cfg.tracking_uri):
             tracking.connect(uri)  # the tracking store answers, before any work
         storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
+        plan.placement_tries()  # a CLF_PLACEMENT_TRIES that cannot work, before Ray starts
     with clock.phase("ray_start_s"):
         with session.importing(WHILE_RAY_STARTS):
             session.connect(cfg.ray_logs, cfg.dashboard)
@@ -206,7 +207,7 @@ def _announce(cfg: TrainConfig, cluster: Cluster, plan: TrainPlan, training: dat
         plan.sized_to_free and f"sized to what is free: the cluster has {cluster.describe()}, {cluster.describe_free()}",
         plan.waits_for_nodes and f"waiting for the autoscaler to add nodes: {cluster.describe()} are up, too few "
         f"for {plan.describe()} (at least {plan.min_workers}); Ray Train tries to place them for about "
-        f"{PLACEMENT_WAITS + 1} minutes",
+        f"{placement_tries()} minutes",
     ):
         if line:
             print(line, flush=True)

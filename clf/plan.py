@@ -6,6 +6,7 @@ many training workers of how many CPUs, how many predictor actors), refusing wha
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from clf.config import ServeConfig, TagConfig, TrainConfig
@@ -14,11 +15,16 @@ from clf.errors import ClfError, ConfigError
 # More nodes than an autoscaler will ever start in one group, for groups without a limit.
 UNBOUNDED = 1000
 
-# After a failure a run of fixed size waits for all its workers to be placed again; each wait lasts
-# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) and counts as a controller failure. This many
-# (about ten minutes: time for an autoscaler to bring a replacement node) and the run fails with a clear
-# message instead of waiting for ever on a cluster that will not grow. Ray's default: no limit.
-PLACEMENT_WAITS = 10
+def placement_tries() -> int:
+    """How many times Ray Train tries to place a run's workers before the run fails with a clear message instead
+    of waiting for ever on a cluster that will not grow (Ray's default: no limit): after a failure, a run of
+    fixed size waits for all its workers again, and a run at its start waits for the autoscaler. Each try lasts
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s). CLF_PLACEMENT_TRIES, else 11: about eleven
+    minutes, time for an autoscaler to bring a replacement node."""
+    value = os.environ.get("CLF_PLACEMENT_TRIES", "11")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"CLF_PLACEMENT_TRIES={value}: expected a whole number of tries, at least 1")
+    return int(value)
 
 
 @dataclass(frozen=True)

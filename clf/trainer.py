@@ -35,7 +35,7 @@ from clf.cluster import refuse_unseen
 from clf.config import TrainConfig
 from clf.data import TrainingData, TrainingRows
 from clf.errors import ClfError, ConfigError, Interrupted
-from clf.plan import PLACEMENT_WAITS, Cluster, TrainPlan
+from clf.plan import Cluster, TrainPlan, placement_tries
 from clf.loop import Learner, array_batches, make_learner, new_model, steps_per_epoch, train_epochs
 from clf.progress import ProgressDisplay, ProgressPost
 
@@ -323,7 +323,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str
             storage_path=storage.checkpoint_storage(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(
-                max_failures=cfg.max_failures, controller_failure_limit=PLACEMENT_WAITS
+                max_failures=cfg.max_failures, controller_failure_limit=placement_tries() - 1
             ),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
             callbacks=callbacks,

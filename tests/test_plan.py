@@ -10,7 +10,7 @@ from clf.config import ServeConfig, TagConfig, TrainConfig
 from clf.errors import ClfError, ConfigError
 from clf.plan import (
     Cluster, InferPlan, Node, NodeGroup, ServePlan, TrainPlan, launcher_groups, plan_inference, plan_serving,
-    plan_tagging, plan_training,
+    placement_tries, plan_tagging, plan_training,
 )
 from tests.helpers import ROOT
 
@@ -201,3 +201,14 @@ def test_tagging_is_sized_to_the_free_cpus():
     tag = TagConfig(checkpoint="c", input="i", output="o")
     assert plan_tagging(tag, RIG_WITH_AN_ENDPOINT, 20_000) == InferPlan(3, 1, False)
     assert plan_tagging(tag, FULL_LAPTOP, 20_000) == InferPlan(1, 1, False)  # one, placed once a CPU is free
+
+
+def test_placement_tries_default_to_eleven_and_a_bad_setting_is_refused(monkeypatch):
+    monkeypatch.delenv("CLF_PLACEMENT_TRIES", raising=False)
+    assert placement_tries() == 11
+    monkeypatch.setenv("CLF_PLACEMENT_TRIES", "3")
+    assert placement_tries() == 3
+    for bad in ("0", "-1", "two", ""):
+        monkeypatch.setenv("CLF_PLACEMENT_TRIES", bad)
+        with pytest.raises(ConfigError, match=re.escape(f"CLF_PLACEMENT_TRIES={bad}: expected a whole number")):
+            placement_tries()

@@ -119,7 +119,8 @@ def bucket(s3):
     return s3.bucket("recovery")
 
 
-def train_and_lose_the_worker_node(two_nodes, data_dir, checkpoints: str, tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
+def train_and_lose_the_worker_node(two_nodes, data_dir, checkpoints: str, tmp_path, *extra: str,
+                                   env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """Train with one worker on each node, checkpoints in `checkpoints`, and SIGKILL every process of the
     worker node at once (a machine lost) once a checkpoint is registered; returns the still running driver
     and its log. (Its raylet alone is not enough: a training worker that no longer needs the raylet, its
@@ -133,7 +134,7 @@ def train_and_lose_the_worker_node(two_nodes, data_dir, checkpoints: str, tmp_pa
         log,
         # After the loss a run first waits this long for all its workers (Ray's default: 60 s, time an
         # autoscaler gets to bring a replacement).
-        env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"},
+        env={**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3", **(env or {})},
     )
     wait_for_checkpoint(f"{checkpoints}/two-nodes", driver, log)
     node = cluster.processes([worker_node])
@@ -162,12 +163,14 @@ def test_a_lost_node_leaves_an_elastic_run_to_finish_on_the_rest(two_nodes, data
 
 
 def test_a_lost_node_fails_a_fixed_size_run_with_a_clear_message(two_nodes, data_dir, bucket, tmp_path):
-    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, f"{bucket}/fixed", tmp_path)
+    # Two tries of 3 s to place both workers again, not the default eleven (the message counts them).
+    driver, log = train_and_lose_the_worker_node(two_nodes, data_dir, f"{bucket}/fixed", tmp_path,
+                                                 env={"CLF_PLACEMENT_TRIES": "2"})
     out = finish(driver, log)
     assert driver.returncode == 1, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("train.py: error:")]
     assert errors == [
-        "train.py: error: training failed: after a failure, 2 workers could not be placed again in 11 tries "
+        "train.py: error: training failed: after a failure, 2 workers could not be placed again in 2 tries "
         "(a node lost for good?); with --min-workers a run goes on with the workers that fit"
     ]
     assert not (tmp_path / "out").exists()
