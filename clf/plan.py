@@ -15,6 +15,7 @@ from clf.errors import ClfError, ConfigError
 # More nodes than an autoscaler will ever start in one group, for groups without a limit.
 UNBOUNDED = 1000
 
+
 def placement_tries() -> int:
     """How many times Ray Train tries to place a run's workers before the run fails with a clear message instead
     of waiting for ever on a cluster that will not grow (Ray's default: no limit): after a failure, a run of
