@@ -115,7 +115,7 @@ def _begin(cfg: TrainConfig, clock: Stopwatch, source, tracking_parent: str | No
         if uri := tracking.tracking_uri(cfg.tracking_uri):
             tracking.connect(uri)  # the tracking store answers, before any work
         storage.check_writable(storage.checkpoint_storage(cfg.storage_path), "--storage-path")
-        plan.placement_tries()  # a CLF_PLACEMENT_TRIES that cannot work, before Ray starts
+        placement_tries()  # a CLF_PLACEMENT_TRIES that cannot work, before Ray starts
     with clock.phase("ray_start_s"):
         with session.importing(WHILE_RAY_STARTS):
             session.connect(cfg.ray_logs, cfg.dashboard)

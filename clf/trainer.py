@@ -323,6 +323,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, rows: TrainingRows, listing: str
             storage_path=storage.checkpoint_storage(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(
+                # Each try that cannot place the workers is a controller failure; the one past the limit ends the run.
                 max_failures=cfg.max_failures, controller_failure_limit=placement_tries() - 1
             ),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
