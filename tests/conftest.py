@@ -138,7 +138,7 @@ def one_epoch(tmp_path_factory):
     readers = [threading.Thread(target=read, args=(getattr(proc, name), lines), daemon=True) for name, lines in seen.items()]
     for reader in readers:
         reader.start()
-    listening, started, names, predictors = set(), {}, set(), {}
+    listening, started, titles, predictors = set(), {}, {}, {}  # titles: every name a process was seen under
     polls = 0
     while proc.poll() is None:
         if polls % 5 == 0:
@@ -147,7 +147,7 @@ def one_epoch(tmp_path_factory):
         try:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 started.setdefault(p.pid, p)
-                names.add(name := _name(p))
+                titles.setdefault(p.pid, set()).add(name := _name(p))
                 if name.startswith("ray::MapWorker") and (torch := imported_torch(p.pid)) is not None:
                     predictors[p.pid] = torch  # the evaluation's predictor actors: torch imported or not
         except psutil.NoSuchProcess:
@@ -159,7 +159,7 @@ def one_epoch(tmp_path_factory):
     assert proc.returncode == 0, stderr[-3000:]
     time.sleep(1)
     left = [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    return SimpleNamespace(output=out, stdout=stdout, stderr=stderr, listening=listening, left_running=left, names=names,
+    return SimpleNamespace(output=out, stdout=stdout, stderr=stderr, listening=listening, left_running=left, titles=titles,
                            tracking_uri=tracking_uri, predictors=predictors, lines=seen["stdout"],
                            metrics=json.loads((out / "metrics.json").read_text()))
 

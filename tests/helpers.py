@@ -89,12 +89,12 @@ def with_descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def listening_addresses(pid: int) -> set[tuple[str, str]]:
-    """(process name, local address) of every listening TCP socket of `pid` and its descendants."""
+def listening_addresses(pid: int) -> set[tuple[int, str]]:
+    """(process id, local address) of every listening TCP socket of `pid` and its descendants."""
     found = set()
     for p in with_descendants(pid):
         try:
-            found |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            found |= {(p.pid, c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
